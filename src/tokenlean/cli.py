@@ -1,0 +1,243 @@
+"""`tokenlean generate | models | zoo | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tokenlean.errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (low < value if low_open else low <= value) or value > high:
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"must be in {bracket}{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="embedded model name (default tl-code), local HF checkpoint folder, or hub id")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128,
+                   help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", "-t", type=_float_in(0, 100), default=0.0,
+                   help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=1.0,
+                   help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--top-k", type=_non_negative_int, default=0,
+                   help="sample among the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string (repeatable); the text is cut before it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenlean",
+        description="Token-efficient LLM inference: lossless speculative decoding, "
+                    "KV-cache compression and side-by-side benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Generate a continuation of a prompt (text on stdout).")
+    add_model_args(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", "-p", help="the prompt text")
+    src.add_argument("--prompt-file", "-f", help="read the prompt from this file")
+    add_sampling_args(g)
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as one user message in the model's chat template")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, token ids, counts and stats")
+    g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+
+    m = sub.add_parser("models", help="list the embedded models",
+                       description="The embedded zoo models, with size and card summary.")
+    m.add_argument("--json", action="store_true")
+
+    z = sub.add_parser("zoo", help="train / export / evaluate the embedded models",
+                       description="The embedded model zoo's deterministic recipe.")
+    zsub = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    zt = zsub.add_parser("train", help="train (or resume training) a zoo model, then export it "
+                         "and write its card")
+    zt.add_argument("name", help="tl-code or tl-code-draft")
+    zt.add_argument("--steps", type=_positive_int, default=None,
+                    help="optimizer steps (default: the recipe's); a smoke run uses a few")
+    zt.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 2)
+    zt.add_argument("--no-export", action="store_true", help="train only")
+    ze = zsub.add_parser("export", help="write the last checkpoint into the zoo folder (HF format)")
+    ze.add_argument("name")
+    zc = zsub.add_parser("card", help="evaluate a zoo model and write its model card")
+    zc.add_argument("name")
+    zc.add_argument("--quick", action="store_true", help="fewer evaluation samples")
+
+    b = sub.add_parser("bench", help="benchmarks side by side with the peers",
+                       description="Benchmarks: tokenlean vs transformers on the same weights.")
+    bsub = b.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
+    bd = bsub.add_parser("decode", help="plain decoding tokens/s: tokenlean vs transformers.generate")
+    add_model_args(bd)
+    bd.add_argument("--prompts", type=_positive_int, default=4, help="number of prompts (default 4)")
+    bd.add_argument("--prompt-tokens", type=_positive_int, default=256,
+                    help="tokens per prompt (default 256)")
+    bd.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128)
+    bd.add_argument("--repeats", type=_positive_int, default=3, help="repetitions (median taken)")
+    bd.add_argument("--threads", type=_positive_int, default=None,
+                    help="torch threads for both (default: torch's)")
+    bd.add_argument("--no-peers", action="store_true", help="skip transformers")
+    bd.add_argument("--out", default="bench-results", help="folder for the JSON result")
+    return parser
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompt file {args.prompt_file}: "
+                            f"{getattr(e, 'strerror', None) or e}") from None
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    raise UserError("no prompt: give --prompt, --prompt-file, or pipe text on stdin")
+
+
+def cmd_generate(args) -> int:
+    from tokenlean.lm import load
+    from tokenlean.sampling import SamplingParams
+
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    prompt = read_prompt(args)
+    if not prompt.strip():
+        raise UserError("the prompt is empty")
+    lm = load(args.model, device=args.device, dtype=args.dtype)
+    if args.chat:
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    generation = lm.stream(prompt, args.max_new_tokens, sampling, stop=args.stop)
+    stream = not (args.json or args.no_stream)
+    for delta in generation:
+        if stream:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    result = generation.result
+    if args.json:
+        print(json.dumps(result.to_json()))
+    elif stream:
+        sys.stdout.write("\n")
+    else:
+        print(result.text)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from tokenlean.zoo import card_summary, zoo_models
+
+    rows = []
+    for name in zoo_models():
+        card = card_summary(name)
+        rows.append({"name": name, **card})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="embedded models")
+    for col in ("name", "parameters", "context", "train tokens", "held-out top-1", "retrieval@2048"):
+        table.add_column(col)
+    for r in rows:
+        def fmt(key, scale=1.0, suffix=""):
+            v = r.get(key)
+            return "-" if v is None else f"{v * scale:.1f}{suffix}" if isinstance(v, float) else str(v)
+        table.add_row(r["name"], f"{r.get('parameters', 0) / 1e6:.1f} M", fmt("context"),
+                      f"{r.get('train_tokens', 0) / 1e6:.1f} M",
+                      fmt("heldout_top1", 100, " %"), fmt("retrieval_2048", 100, " %"))
+    Console().print(table)
+    if not rows:
+        print("no embedded models installed; train one with: tokenlean zoo train tl-code")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from tokenlean.zoo import build
+
+    if args.zoo_command == "train":
+        build.train_command(args.name, steps=args.steps, threads=args.threads,
+                            then_export=not args.no_export)
+    elif args.zoo_command == "export":
+        build.export(args.name)
+    elif args.zoo_command == "card":
+        build.write_card(args.name, quick=args.quick)
+    else:
+        raise UserError("zoo needs a command: train, export or card (see tokenlean zoo --help)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.bench_command == "decode":
+        from tokenlean.bench.decode import run_decode_bench
+
+        run_decode_bench(args)
+    else:
+        raise UserError("bench needs a command: decode (see tokenlean bench --help)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"generate": cmd_generate, "models": cmd_models, "zoo": cmd_zoo, "bench": cmd_bench}
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return commands[args.command](args)
+    except UserError as e:
+        print(f"tokenlean: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tokenlean: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `tokenlean generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""A loaded model with its tokenizer: what the CLI, the server and the benchmarks hold."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenlean.decode import Generation, GenerationResult, decode_steps
+from tokenlean.errors import UserError
+from tokenlean.model.load import checkpoint_folder, load_model
+from tokenlean.model.tokenizer import Tokenizer
+from tokenlean.model.transformer import Transformer
+from tokenlean.sampling import SamplingParams
+from tokenlean.zoo import DEFAULT_MODEL, zoo_models, zoo_path
+
+
+@dataclass
+class LM:
+    name: str
+    folder: Path
+    model: Transformer
+    tokenizer: Tokenizer
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 128,
+               sampling: SamplingParams | None = None, stop: Iterable[str] = (),
+               stop_token_ids: Iterable[int] | None = None) -> Generation:
+        """Iterate for text deltas; `.result` is set at the end."""
+        return Generation(decode_steps(self, self.encode(prompt), max_new_tokens,
+                                       sampling or SamplingParams(), stop, stop_token_ids))
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 128,
+                 sampling: SamplingParams | None = None, stop: Iterable[str] = (),
+                 stop_token_ids: Iterable[int] | None = None) -> GenerationResult:
+        generation = self.stream(prompt, max_new_tokens, sampling, stop, stop_token_ids)
+        for _ in generation:
+            pass
+        return generation.result
+
+
+def resolve_model(name: str | None) -> tuple[str, Path]:
+    """An embedded zoo name, a local checkpoint folder, or a hub id."""
+    name = name or DEFAULT_MODEL
+    path = zoo_path(name)
+    if path is not None:
+        return name, path
+    if "/" not in name and not Path(name).exists():
+        known = ", ".join(zoo_models()) or "none installed"
+        raise UserError(f"unknown model {name!r}: not an embedded model ({known}) "
+                        "nor a checkpoint folder")
+    return name, checkpoint_folder(name)
+
+
+def load(name: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None) -> LM:
+    """Load a model and its tokenizer; no name -> the embedded tl-code."""
+    name, folder = resolve_model(name)
+    model = load_model(folder, device=device, dtype=dtype)
+    tokenizer = Tokenizer(folder)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens, "
+                        f"the model only {model.config.vocab_size}")
+    return LM(name, folder, model, tokenizer)

@@ -1,0 +1,28 @@
+"""The embedded model zoo: small code models trained by tokenlean itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ZOO_DIR = Path(__file__).parent / "models"
+DEFAULT_MODEL = "tl-code"
+DEFAULT_DRAFT = "tl-code-draft"
+
+
+def zoo_models() -> list[str]:
+    """Names of the embedded models whose weights are present."""
+    if not ZOO_DIR.is_dir():
+        return []
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def zoo_path(name: str) -> Path | None:
+    path = ZOO_DIR / name
+    return path if (path / "config.json").is_file() else None
+
+
+def card_summary(name: str) -> dict:
+    """The headline numbers of a model's card (card.json beside the weights)."""
+    path = ZOO_DIR / name / "card.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

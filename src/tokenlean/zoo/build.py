@@ -1,0 +1,175 @@
+"""Turn a training run into a shipped zoo model: export (HF format) and model card."""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tokenlean.errors import UserError
+from tokenlean.zoo import ZOO_DIR
+from tokenlean.zoo.corpus import HELD_OUT, retrieval_pair
+from tokenlean.zoo.recipe import SPECS, token_stream, tokenizer_files, work_dir
+
+RETRIEVAL_LENGTHS = (512, 1024, 2048)
+SAMPLE_PROMPTS = (
+    "def fibonacci(n):\n",
+    "class Stack:\n    \"\"\"A last-in first-out stack.\"\"\"\n\n    def __init__(self):\n",
+    "import os\n\n\ndef list_python_files(root):\n",
+)
+
+
+def _spec(name: str):
+    if name not in SPECS:
+        raise UserError(f"unknown zoo model {name!r}; the recipe has: {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def export(name: str, out: Path | None = None) -> Path:
+    """The run's last checkpoint -> zoo/models/NAME (config, fp16 safetensors, tokenizer)."""
+    from tokenlean.model.load import save_model
+    from tokenlean.zoo.train import new_model
+
+    spec = _spec(name)
+    ckpt = work_dir() / name / "ckpt.pt"
+    if not ckpt.exists():
+        raise UserError(f"no checkpoint for {name} at {ckpt}; run: tokenlean zoo train {name}")
+    model = new_model(spec)
+    model.load_state_dict(torch.load(ckpt, map_location="cpu")["model"])
+    folder = Path(out) if out else ZOO_DIR / name
+    save_model(model, folder, dtype=torch.float16)
+    tokenizer_files(folder, work_dir() / "tokenizer.json", spec.context)
+    print(f"exported {name} -> {folder}")
+    return folder
+
+
+def training_summary(name: str) -> dict:
+    """Steps, tokens and compute time, read from the run's log (summed across sessions)."""
+    log = work_dir() / name / "log.jsonl"
+    if not log.exists():
+        return {}
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    by_step = {r["step"]: r for r in records}  # a resumed step logged twice counts once
+    spec = SPECS[name]
+    tokens_per_step = spec.batch * spec.context
+    seconds = sum(tokens_per_step / r["tok_s"] for r in by_step.values() if r.get("tok_s"))
+    last = max(by_step)
+    return {"train_steps": last, "train_tokens": last * tokens_per_step,
+            "train_hours": round(seconds / 3600, 2)}
+
+
+@torch.no_grad()
+def heldout_metrics(lm, context: int) -> dict:
+    """Loss, perplexity and next-token top-1 accuracy over every held-out token."""
+    stream = token_stream("heldout", work_dir() / "tokenizer.json")
+    total_loss, hits, count = 0.0, 0, 0
+    for start in range(0, len(stream) - 1, context):
+        x = torch.from_numpy(stream[start : start + context + 1].astype(np.int64))[None]
+        if x.shape[1] < 2:
+            break
+        logits = lm.model(x[:, :-1]).float()[0]
+        total_loss += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        hits += (logits.argmax(-1) == x[0, 1:]).sum().item()
+        count += x.shape[1] - 1
+    loss = total_loss / count
+    return {"heldout_tokens": count, "heldout_loss": round(loss, 4),
+            "heldout_perplexity": round(float(np.exp(loss)), 3),
+            "heldout_top1": round(hits / count, 4)}
+
+
+def retrieval_accuracy(lm, length: int, samples: int, seed: int = 1234) -> float:
+    """Passkey-style: `NAME = VALUE` at the top of ~length tokens of held-out code, asked at the end."""
+    stream = token_stream("heldout", work_dir() / "tokenizer.json")
+    rng = random.Random(seed + length)
+    correct = 0
+    for _ in range(samples):
+        header, question, answer = retrieval_pair(rng)
+        head, tail = lm.tokenizer.encode(header), lm.tokenizer.encode(question)
+        n_filler = length - len(head) - len(tail)
+        start = rng.randrange(len(stream) - n_filler)
+        prompt = head + stream[start : start + n_filler].tolist() + tail
+        out = lm.generate(prompt, max_new_tokens=len(lm.tokenizer.encode(answer)) + 1)
+        correct += bool(re.match(rf"\s*{re.escape(answer.strip())}(?!\w)", out.text))
+    return correct / samples
+
+
+def write_card(name: str, quick: bool = False) -> dict:
+    from tokenlean.lm import load
+
+    spec = _spec(name)
+    lm = load(name, device="cpu", dtype="fp32")
+    t0 = time.time()
+    card = {
+        "name": name,
+        "architecture": "llama",
+        "parameters": sum(p.numel() for p in lm.model.parameters()),
+        "context": spec.context,
+        "vocab_size": lm.model.config.vocab_size,
+        **training_summary(name),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"{platform.processor() or 'cpu'}; Python {platform.python_version()}",
+    }
+    card.update(heldout_metrics(lm, spec.context))
+    samples = 20 if quick else 100
+    for length in RETRIEVAL_LENGTHS:
+        card[f"retrieval_{length}"] = retrieval_accuracy(lm, length, samples)
+    card["retrieval_samples"] = samples
+    card["samples"] = [{"prompt": p, "completion": lm.generate(p, max_new_tokens=64).text}
+                       for p in SAMPLE_PROMPTS]
+    card["eval_seconds"] = round(time.time() - t0, 1)
+    folder = ZOO_DIR / name
+    (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (folder / "README.md").write_text(card_markdown(card, spec))
+    print(json.dumps({k: v for k, v in card.items() if k != "samples"}, indent=2))
+    return card
+
+
+def card_markdown(card: dict, spec) -> str:
+    pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
+    lines = [
+        f"# {card['name']}",
+        "",
+        f"A {card['parameters'] / 1e6:.1f} M-parameter Llama-architecture code model trained by "
+        "tokenlean's deterministic zoo recipe (`tokenlean zoo train "
+        f"{card['name']}`) on the Python standard library's source (test suites and a fixed "
+        "held-out list excluded), with synthetic long-range retrieval documents mixed in.",
+        "",
+        "| | |", "|---|---|",
+        f"| layers / hidden / heads / kv heads | {spec.num_hidden_layers} / {spec.hidden_size} / "
+        f"{spec.num_attention_heads} / {spec.num_key_value_heads} |",
+        f"| context | {card['context']} |",
+        f"| vocabulary | {card['vocab_size']} (byte-level BPE) |",
+        f"| training | {card.get('train_steps', '?')} steps, "
+        f"{card.get('train_tokens', 0) / 1e6:.1f} M tokens, {card.get('train_hours', '?')} h |",
+        f"| machine | {card['machine']} |",
+        f"| held-out loss / perplexity | {card['heldout_loss']} / {card['heldout_perplexity']} "
+        f"({card['heldout_tokens']} tokens) |",
+        f"| held-out next-token top-1 | {pct(card['heldout_top1'])} |",
+    ]
+    for length in RETRIEVAL_LENGTHS:
+        lines.append(f"| retrieval accuracy @ {length} tokens | {pct(card[f'retrieval_{length}'])} "
+                     f"({card['retrieval_samples']} prompts) |")
+    lines += ["", "Held-out modules: " + ", ".join(f"`{m}`" for m in HELD_OUT), ""]
+    if spec.notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in spec.notes], ""]
+    lines += ["## Samples (greedy, 64 tokens)", ""]
+    for s in card["samples"]:
+        lines += ["```python", s["prompt"] + s["completion"], "```", ""]
+    return "\n".join(lines)
+
+
+def train_command(name: str, steps: int | None, threads: int, then_export: bool = True) -> None:
+    from tokenlean.zoo.train import train
+
+    _spec(name)
+    train(name, steps=steps, threads=threads)
+    if then_export:
+        export(name)
+        write_card(name, quick=steps is not None and steps < 100)

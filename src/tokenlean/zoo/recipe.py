@@ -1,0 +1,138 @@
+"""The deterministic recipe of the embedded model zoo: tokenizer, data, architectures.
+
+Everything is derived from the running interpreter's standard library with
+fixed seeds, so the same Python version gives the same models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tokenlean.zoo.corpus import read_source, source_files
+
+VOCAB_SIZE = 8192
+EOS = "<|endoftext|>"
+SPECIAL_TOKENS = [EOS, "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def work_dir() -> Path:
+    """Checkpoints and token caches live outside the repository."""
+    import os
+
+    base = Path(os.environ.get("TOKENLEAN_HOME", Path.home() / ".cache" / "tokenlean"))
+    return base / f"zoo-py{sys.version_info.major}{sys.version_info.minor}"
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    context: int = 2048
+    # training
+    steps: int = 1100
+    batch: int = 4
+    lr: float = 2e-3
+    warmup: int = 50
+    decay_fraction: float = 0.25  # warmup-stable-decay: linear decay over the last part
+    retrieval_fraction: float = 0.15
+    seed: int = 0
+    distill_from: str | None = None  # FastDraft: also train on this model's continuations
+    notes: list[str] = field(default_factory=list)
+
+    def hf_config(self) -> dict:
+        return {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.context,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": True,
+            "hidden_act": "silu",
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 1,
+        }
+
+
+SPECS = {
+    "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2),
+    "tl-code-draft": ModelSpec("tl-code-draft", 192, 512, 4, 3, 1, lr=3e-3,
+                               distill_from="tl-code"),
+}
+
+
+# --- tokenizer ---------------------------------------------------------------------
+
+def train_tokenizer(out: Path) -> Path:
+    """Byte-level BPE (vocab 8192) on the training split; deterministic for a corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = out / "tokenizer.json"
+    if path.exists():
+        return path
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator((read_source(p) for p in source_files("train")), trainer=trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def tokenizer_files(folder: Path, tokenizer_json: Path, context: int) -> None:
+    """tokenizer.json, tokenizer_config.json and generation_config.json for a model folder."""
+    shutil.copy(tokenizer_json, folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOS, "eos_token": EOS, "pad_token": "<|pad|>",
+        "model_max_length": context, "add_bos_token": False,
+        "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
+    }, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1, "do_sample": False,
+    }, indent=2) + "\n")
+
+
+def token_stream(split: str, tokenizer_json: Path) -> np.ndarray:
+    """All files of a split, tokenized and joined by EOS; cached on disk."""
+    from tokenizers import Tokenizer
+
+    digest = hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()[:12]
+    cache = tokenizer_json.parent / f"tokens-{split}-{digest}.npy"
+    if cache.exists():
+        return np.load(cache)
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    eos = tok.token_to_id(EOS)
+    texts = [read_source(p) for p in source_files(split)]
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(eos)
+    arr = np.asarray(ids, dtype=np.uint16)
+    np.save(cache, arr)
+    return arr

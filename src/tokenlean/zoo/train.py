@@ -1,0 +1,165 @@
+"""Train a zoo model on CPU, checkpointing as it goes and resuming where it stopped.
+
+The batch of step s is a pure function of (seed, s), so a run interrupted and
+resumed any number of times gives the same model as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tokenlean.model import ModelConfig, Transformer
+from tokenlean.zoo.corpus import retrieval_pair
+from tokenlean.zoo.recipe import EOS, SPECS, ModelSpec, token_stream, train_tokenizer, work_dir
+
+CHECKPOINT_EVERY = 25
+
+
+def lr_at(spec: ModelSpec, step: int) -> float:
+    """Warmup-stable-decay: the stable checkpoint can be extended later without a restart."""
+    decay_start = int(spec.steps * (1 - spec.decay_fraction))
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    if step < decay_start:
+        return spec.lr
+    return spec.lr * max(0.02, (spec.steps - step) / (spec.steps - decay_start))
+
+
+class Batches:
+    """Random windows of the token stream, plus synthetic retrieval documents."""
+
+    def __init__(self, spec: ModelSpec, stream: np.ndarray, tokenizer, extra: np.ndarray | None):
+        self.spec, self.stream, self.tok, self.extra = spec, stream, tokenizer, extra
+        self.eos = tokenizer.token_to_id(EOS)
+
+    def window(self, rng: np.random.Generator, n: int, source: np.ndarray | None = None):
+        source = self.stream if source is None else source
+        start = int(rng.integers(0, len(source) - n))
+        return source[start : start + n].astype(np.int64)
+
+    def retrieval(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        header, question, answer = retrieval_pair(random.Random(int(rng.integers(1 << 62))))
+        head = self.tok.encode(header).ids
+        tail = self.tok.encode(question + answer + "\n").ids
+        length = int(rng.integers(128, n - 16))  # distance from definition to question
+        filler = self.window(rng, max(1, length - len(head) - len(tail)))
+        doc = np.concatenate([head, filler, tail, [self.eos]])
+        rest = self.window(rng, max(0, n - len(doc)))
+        return np.concatenate([doc, rest])[:n]
+
+    def __call__(self, step: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.spec.seed, step])
+        n = self.spec.context + 1
+        rows = []
+        for _ in range(self.spec.batch):
+            u = rng.random()
+            if u < self.spec.retrieval_fraction:
+                rows.append(self.retrieval(rng, n))
+            elif self.extra is not None and u < 0.5 + self.spec.retrieval_fraction / 2:
+                rows.append(self.window(rng, n, self.extra))
+            else:
+                rows.append(self.window(rng, n))
+        return torch.from_numpy(np.stack(rows))
+
+
+def new_model(spec: ModelSpec) -> Transformer:
+    torch.manual_seed(spec.seed)
+    model = Transformer(ModelConfig.from_hf(spec.hf_config()))
+    for name, p in model.named_parameters():  # small init (GPT-2 style), residual outputs scaled
+        if p.dim() == 2:
+            std = 0.02 / math.sqrt(2 * spec.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            torch.nn.init.normal_(p, std=std)
+    return model
+
+
+@torch.no_grad()
+def heldout_loss(model: Transformer, heldout: np.ndarray, context: int, windows: int = 8) -> tuple[float, float]:
+    """Mean next-token loss and top-1 accuracy on fixed held-out windows."""
+    model.eval()
+    starts = np.linspace(0, len(heldout) - context - 1, windows).astype(int)
+    losses, hits, total = [], 0, 0
+    for s in starts:
+        x = torch.from_numpy(heldout[s : s + context + 1].astype(np.int64))[None]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x[:, :-1]).float()
+        losses.append(F.cross_entropy(logits[0], x[0, 1:]).item())
+        hits += (logits[0].argmax(-1) == x[0, 1:]).sum().item()
+        total += context
+    model.train()
+    return float(np.mean(losses)), hits / total
+
+
+def save_checkpoint(path: Path, model, opt, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def train(name: str, steps: int | None = None, threads: int = 2, log=print, extra: np.ndarray | None = None) -> Path:
+    from tokenizers import Tokenizer
+
+    spec = SPECS[name]
+    if steps:
+        spec.steps = steps
+    torch.set_num_threads(threads)
+    root = work_dir()
+    run = root / name
+    run.mkdir(parents=True, exist_ok=True)
+    tok_path = train_tokenizer(root)
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    stream, heldout = token_stream("train", tok_path), token_stream("heldout", tok_path)
+    batches = Batches(spec, stream, tokenizer, extra)
+
+    model = new_model(spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    ckpt, step = run / "ckpt.pt", 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log(f"{name}: resumed at step {step}/{spec.steps}")
+    model.train()
+    decay_start = int(spec.steps * (1 - spec.decay_fraction))
+    with open(run / "log.jsonl", "a") as logf:
+        t0 = time.time()
+        while step < spec.steps:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(spec, step)
+            x = batches(step)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(x[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "loss": round(loss.item(), 4), "lr": lr_at(spec, step - 1),
+                      "tok_s": round(x[:, 1:].numel() / (time.time() - t0)), "time": time.time()}
+            t0 = time.time()
+            if step % 100 == 0 or step == spec.steps:
+                record["heldout_loss"], record["heldout_top1"] = heldout_loss(model, heldout, spec.context)
+            logf.write(json.dumps(record) + "\n")
+            logf.flush()
+            if step % CHECKPOINT_EVERY == 0 or step == spec.steps or step == decay_start:
+                save_checkpoint(ckpt, model, opt, step)
+                if step == decay_start:  # extendable: resume here with more steps
+                    save_checkpoint(run / "ckpt-stable.pt", model, opt, step)
+                log(f"{name}: step {step}/{spec.steps} loss {record['loss']:.3f}")
+    return ckpt
+
+
+if __name__ == "__main__":
+    import sys
+
+    train(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
