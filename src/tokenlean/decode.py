@@ -47,9 +47,11 @@ class StopStrings:
     def feed(self, delta: str) -> tuple[str, bool]:
         """Add new text; return (text safe to emit, whether a stop string was hit)."""
         self.text += delta
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        # the stop string completed first (earliest end; of those, the longest) ends the
+        # text, so the cut does not depend on how the text was split into deltas
+        hits = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
         if hits:
-            return self._emit(min(hits)), True
+            return self._emit(min(hits)[1]), True
         hold = max((k for s in self.stops for k in range(1, len(s))
                     if self.text.endswith(s[:k])), default=0)
         return self._emit(len(self.text) - hold), False

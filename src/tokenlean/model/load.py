@@ -23,7 +23,9 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UserError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):  # mps, meta, xla...: not supported
+        raise UserError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda requested but CUDA is not available")
     return dev

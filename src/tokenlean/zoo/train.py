@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ class Batches:
         header, question, answer = retrieval_pair(random.Random(int(rng.integers(1 << 62))))
         head = self.tok.encode(header).ids
         tail = self.tok.encode(question + answer + "\n").ids
-        length = int(rng.integers(128, n - 16))  # distance from definition to question
+        length = int(rng.integers(min(128, n // 4), n - 16))  # definition-to-question distance
         filler = self.window(rng, max(1, length - len(head) - len(tail)))
         doc = np.concatenate([head, filler, tail, [self.eos]])
         rest = self.window(rng, max(0, n - len(doc)))
@@ -104,12 +105,14 @@ def save_checkpoint(path: Path, model, opt, step: int) -> None:
     os.replace(tmp, path)
 
 
-def train(name: str, steps: int | None = None, threads: int = 2, log=print, extra: np.ndarray | None = None) -> Path:
+def train(name: str, steps: int | None = None, threads: int = 2, log=print,
+          extra: np.ndarray | None = None, stop_at: int | None = None) -> Path:
+    """Train (or resume) zoo model `name`; `stop_at` ends this run early at that step."""
     from tokenizers import Tokenizer
 
     spec = SPECS[name]
     if steps:
-        spec.steps = steps
+        spec = replace(spec, steps=steps)
     torch.set_num_threads(threads)
     root = work_dir()
     run = root / name
@@ -132,7 +135,8 @@ def train(name: str, steps: int | None = None, threads: int = 2, log=print, extr
     decay_start = int(spec.steps * (1 - spec.decay_fraction))
     with open(run / "log.jsonl", "a") as logf:
         t0 = time.time()
-        while step < spec.steps:
+        end = min(spec.steps, stop_at or spec.steps)
+        while step < end:
             for group in opt.param_groups:
                 group["lr"] = lr_at(spec, step)
             x = batches(step)
@@ -151,7 +155,7 @@ def train(name: str, steps: int | None = None, threads: int = 2, log=print, extr
                 record["heldout_loss"], record["heldout_top1"] = heldout_loss(model, heldout, spec.context)
             logf.write(json.dumps(record) + "\n")
             logf.flush()
-            if step % CHECKPOINT_EVERY == 0 or step == spec.steps or step == decay_start:
+            if step % CHECKPOINT_EVERY == 0 or step in (end, decay_start):
                 save_checkpoint(ckpt, model, opt, step)
                 if step == decay_start:  # extendable: resume here with more steps
                     save_checkpoint(run / "ckpt-stable.pt", model, opt, step)

@@ -1,0 +1,112 @@
+"""Benchmark output: a rich table on stdout, and one JSON file per run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def cpu_name() -> str:
+    """The CPU model (platform.processor() is often empty or just 'x86_64' on Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | None = None) -> dict:
+    from tokenlean.bench.peers import transformers_version
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers_version(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1m_at_start"] = round(os.getloadavg()[0], 2)
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def write_json(result: dict, out_dir: str | Path, kind: str, when: datetime) -> Path:
+    """`out_dir/<kind>-YYYYMMDD-HHMMSS.json` (UTC); never overwrites an earlier run."""
+    from tokenlean.errors import UserError
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e.strerror or e}") from None
+    stem = f"{kind}-{when.strftime('%Y%m%d-%H%M%S')}"
+    path, n = out / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = out / f"{stem}-{n}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def print_decode_table(result: dict, json_path: Path | None = None, file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout)
+    setup = result["setup"]
+    title = (f"decode: {result['model']['name']}, {setup['dtype']} on {setup['device']}, "
+             f"{setup['threads']} threads, {setup['prompts']} prompts x {setup['prompt_tokens']} "
+             f"tokens -> {setup['max_new_tokens']} new, median of {setup['repeats']}")
+    table = Table(title=title)
+    table.add_column("system")
+    table.add_column("tok/s", justify="right")
+    table.add_column("min-max tok/s", justify="right")
+    table.add_column("prefill ms", justify="right")
+    table.add_column("decode tok/s", justify="right")
+    table.add_column("exact", justify="center")
+    for name, s in result["systems"].items():
+        spread = f"{_fmt(min(s['tokens_per_s']))}-{_fmt(max(s['tokens_per_s']))}"
+        exact = {True: "yes", False: "no", None: "-"}[result["exact"]] if name != "tokenlean" else "ref"
+        table.add_row(name, _fmt(s["median_tokens_per_s"]), spread,
+                      _fmt(s["median_prefill_s"] and s["median_prefill_s"] * 1e3),
+                      _fmt(s["median_decode_tokens_per_s"]), exact)
+    console.print(table)
+    sp = result.get("speedup") or {}
+    if sp.get("tokens_per_s") is not None:
+        console.print(f"speedup tokenlean / transformers: [bold]{sp['tokens_per_s']:.2f}x[/bold] "
+                      f"end to end, {_fmt(sp.get('decode_tokens_per_s'), '.2f', 'x')} decode only")
+    if result["exact"] is False:
+        bad = [p for p in result["per_prompt"] if not p["exact"]]
+        console.print(f"[yellow]not exact[/yellow]: greedy ids differ on {len(bad)} of "
+                      f"{len(result['per_prompt'])} prompts (first difference at new token "
+                      + ", ".join(str(p["first_difference"]) for p in bad) + ")")
+    for note in result.get("notes", []):
+        console.print(f"[dim]{note}[/dim]")
+    if json_path is not None:
+        console.print(f"results: {json_path}")

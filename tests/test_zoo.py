@@ -1,0 +1,87 @@
+"""The zoo recipe: deterministic batches, resumable training, export loadable by both engines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tokenlean.zoo import corpus, recipe
+from tokenlean.zoo.recipe import SPECS, ModelSpec
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, monkeypatch):
+    """A tiny spec and a 15-file corpus, with all run state under tmp_path."""
+    monkeypatch.setenv("TOKENLEAN_HOME", str(tmp_path / "home"))
+    few = corpus.source_files("train")[:15]
+    monkeypatch.setattr(recipe, "source_files", lambda split="train": few if split == "train" else corpus.source_files("heldout")[:2])
+    spec = ModelSpec("tiny", 32, 64, 1, 2, 1, context=64, steps=4, batch=2, warmup=1, retrieval_fraction=0.5)
+    monkeypatch.setitem(SPECS, "tiny", spec)
+    return spec
+
+
+def test_corpus_split_is_disjoint_and_excludes_tests():
+    train, heldout = corpus.source_files("train"), corpus.source_files("heldout")
+    assert train and heldout and not set(train) & set(heldout)
+    root = corpus.stdlib_root()
+    for p in train:
+        parts = p.relative_to(root).parts
+        assert not set(parts[:-1]) & {"test", "tests", "idle_test"} and not p.name.startswith("test_")
+    held = {p.relative_to(root).as_posix() for p in heldout}
+    assert held <= set(corpus.HELD_OUT)
+
+
+def test_retrieval_pair_answers_its_question():
+    import random
+
+    header, question, answer = corpus.retrieval_pair(random.Random(3))
+    name, value = header.split(" = ")
+    assert question.strip() == f"assert {name} =="
+    assert answer.strip() == value.strip()
+
+
+def test_batches_are_a_function_of_the_step(tiny_recipe):
+    from tokenizers import Tokenizer
+
+    from tokenlean.zoo.train import Batches
+
+    tok_path = recipe.train_tokenizer(recipe.work_dir())
+    tok = Tokenizer.from_file(str(tok_path))
+    stream = recipe.token_stream("train", tok_path)
+    batches = Batches(tiny_recipe, stream, tok, None)
+    assert torch.equal(batches(7), batches(7))
+    assert not torch.equal(batches(7), batches(8))
+    assert batches(7).shape == (2, 65)
+
+
+def test_interrupted_training_equals_uninterrupted(tiny_recipe, tmp_path, monkeypatch):
+    from tokenlean.zoo.train import train
+
+    quiet = lambda *a: None  # noqa: E731
+    one = torch.load(train("tiny", threads=1, log=quiet), map_location="cpu")["model"]
+    monkeypatch.setenv("TOKENLEAN_HOME", str(tmp_path / "home2"))
+    train("tiny", threads=1, log=quiet, stop_at=2)
+    two = torch.load(train("tiny", threads=1, log=quiet), map_location="cpu")["model"]
+    for key in one:
+        assert torch.equal(one[key], two[key]), key
+
+
+def test_export_loads_in_tokenlean_and_transformers(tiny_recipe, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenlean.lm import load
+    from tokenlean.zoo.build import export
+    from tokenlean.zoo.train import train
+
+    train("tiny", threads=1, log=lambda *a: None)
+    folder = export("tiny", out=tmp_path / "tiny-model")
+    lm = load(str(folder), device="cpu", dtype="fp32")
+    ids = lm.tokenizer.encode("def main():\n    return 1\n")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert hf_tok("def main():\n    return 1\n").input_ids == ids
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits
+        ours = lm.model(torch.tensor([ids]))
+    assert (expected - ours).abs().max() < 1e-4
+    assert np.isfinite(ours.numpy()).all()
