@@ -182,13 +182,14 @@ def cmd_models(args) -> int:
     table = Table(title="embedded models")
     for col in ("name", "parameters", "context", "train tokens", "held-out top-1", "retrieval@2048"):
         table.add_column(col)
+    def fmt(row, key, scale=1.0, suffix=""):
+        v = row.get(key)
+        return "-" if v is None else f"{v * scale:.1f}{suffix}" if isinstance(v, float) else str(v)
+
     for r in rows:
-        def fmt(key, scale=1.0, suffix=""):
-            v = r.get(key)
-            return "-" if v is None else f"{v * scale:.1f}{suffix}" if isinstance(v, float) else str(v)
-        table.add_row(r["name"], f"{r.get('parameters', 0) / 1e6:.1f} M", fmt("context"),
+        table.add_row(r["name"], f"{r.get('parameters', 0) / 1e6:.1f} M", fmt(r, "context"),
                       f"{r.get('train_tokens', 0) / 1e6:.1f} M",
-                      fmt("heldout_top1", 100, " %"), fmt("retrieval_2048", 100, " %"))
+                      fmt(r, "heldout_top1", 100, " %"), fmt(r, "retrieval_2048", 100, " %"))
     Console().print(table)
     if not rows:
         print("no embedded models installed; train one with: tokenlean zoo train tl-code")

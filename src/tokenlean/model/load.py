@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tokenlean.errors import UserError
@@ -73,7 +74,10 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{folder} holds no *.safetensors weights")
     state = {}
     for name in files:
-        state.update(load_file(str(folder / name)))
+        try:
+            state.update(load_file(str(folder / name)))
+        except (OSError, SafetensorError) as e:  # truncated or not safetensors at all
+            raise UserError(f"cannot read weights {folder / name}: {e}") from None
     return state
 
 

@@ -32,7 +32,10 @@ class Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"{folder} has no tokenizer.json")
-        self.tok = _HFTokenizer.from_file(str(path))
+        try:
+            self.tok = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise UserError(f"cannot read {path}: {e}") from None
         config = _read_json(folder / "tokenizer_config.json")
         generation = _read_json(folder / "generation_config.json")
         self.chat_template = config.get("chat_template")

@@ -52,6 +52,7 @@ class ModelSpec:
     retrieval_fraction: float = 0.15
     seed: int = 0
     distill_from: str | None = None  # FastDraft: also train on this model's continuations
+    distill_tokens: int = 600_000
     notes: list[str] = field(default_factory=list)
 
     def hf_config(self) -> dict:
@@ -77,8 +78,8 @@ class ModelSpec:
 
 SPECS = {
     "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2),
-    "tl-code-draft": ModelSpec("tl-code-draft", 192, 512, 4, 3, 1, lr=3e-3,
-                               distill_from="tl-code"),
+    "tl-code-draft": ModelSpec("tl-code-draft", 192, 512, 4, 3, 1, lr=3e-3, steps=1000,
+                               retrieval_fraction=0.05, distill_from="tl-code"),
 }
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokenlean.errors import UserError
 from tokenlean.model import ModelConfig, Transformer
 from tokenlean.zoo.corpus import retrieval_pair
 from tokenlean.zoo.recipe import EOS, SPECS, ModelSpec, token_stream, train_tokenizer, work_dir
@@ -72,6 +73,17 @@ class Batches:
         return torch.from_numpy(np.stack(rows))
 
 
+def distillation_data(spec: ModelSpec, run: Path, stream: np.ndarray, eos: int) -> np.ndarray:
+    from tokenlean.zoo import zoo_path
+    from tokenlean.zoo.distill import cached_continuations
+
+    target = zoo_path(spec.distill_from)
+    if target is None:
+        raise UserError(f"{spec.name} is distilled from {spec.distill_from}, which is not in the "
+                        f"zoo yet: run tokenlean zoo train {spec.distill_from} first")
+    return cached_continuations(run, target, stream, eos, spec.distill_tokens)
+
+
 def new_model(spec: ModelSpec) -> Transformer:
     torch.manual_seed(spec.seed)
     model = Transformer(ModelConfig.from_hf(spec.hf_config()))
@@ -120,6 +132,8 @@ def train(name: str, steps: int | None = None, threads: int = 2, log=print,
     tok_path = train_tokenizer(root)
     tokenizer = Tokenizer.from_file(str(tok_path))
     stream, heldout = token_stream("train", tok_path), token_stream("heldout", tok_path)
+    if spec.distill_from and extra is None:
+        extra = distillation_data(spec, run, stream, tokenizer.token_to_id(EOS))
     batches = Batches(spec, stream, tokenizer, extra)
 
     model = new_model(spec)
