@@ -93,7 +93,12 @@ def load_model(name_or_path: str | Path, device: str | None = None, dtype=None) 
         state.pop("lm_head.weight", None)
     elif "lm_head.weight" not in state:  # some checkpoints tie without saying so
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches: report the first one on one line
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise UserError(f"{folder}: weights do not match the config "
+                        f"({lines[0] if lines else str(e).splitlines()[0]})") from None
     unexpected = [k for k in unexpected if "rotary_emb" not in k]
     if missing or unexpected:
         raise UserError(f"{folder}: weights do not match the config "
