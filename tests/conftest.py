@@ -90,3 +90,12 @@ def tiny_lm(tiny_model_dir):
     from tokenlean.lm import load
 
     return load(str(tiny_model_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and the suite must not fight other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

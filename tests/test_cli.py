@@ -105,7 +105,7 @@ def test_generate_options(capsys, tiny_model_dir, tiny_lm):
     a = json.loads(run(capsys, *args)[1])
     b = json.loads(run(capsys, *args)[1])
     assert a["token_ids"] == b["token_ids"]
-    assert a["stats"]["method"] == "sample"
+    assert a["stats"]["sampling"] == "sample"
     rc, out, err = run(capsys, *gen(tiny_model_dir, "--prompt", "hi", "-n", 2, "--chat", "--json"))
     assert rc == 0, err
     chat_prompt = tiny_lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])

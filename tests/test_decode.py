@@ -292,7 +292,7 @@ def test_seeded_sampling_is_reproducible(tiny_lm):
 
     a, b = run(7), run(7)
     assert a.token_ids == b.token_ids and a.text == b.text
-    assert a.stats["method"] == "sample"
+    assert a.stats["sampling"] == "sample"
     others = [run(seed).token_ids for seed in (8, 9, 10)]
     assert any(o != a.token_ids for o in others)
 

@@ -14,6 +14,8 @@ import torch
 
 from tokenlean.errors import UserError
 from tokenlean.sampling import SamplingParams, probabilities, sample
+from tokenlean.spec.tree import DraftTree
+from tokenlean.spec.verify import Accepted, verify_greedy, verify_sampling
 
 
 @dataclass
@@ -85,8 +87,41 @@ def check_prompt(prompt_ids: list[int], context: int, max_new_tokens: int) -> No
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+class SpecStats:
+    """Drafted / accepted counts, per depth, and the time split of a generation."""
+
+    def __init__(self):
+        self.drafts = self.drafted = self.accepted = 0
+        self.accepted_at_depth: list[int] = []  # steps that accepted >= d+1 draft tokens
+        self.drafted_at_depth: list[int] = []  # steps whose tree reached depth d+1
+        self.draft_s = self.verify_s = 0.0
+
+    def record(self, tree: DraftTree, accepted: Accepted) -> None:
+        self.drafts += 1
+        self.drafted += len(tree)
+        self.accepted += len(accepted.nodes)
+        depth = max(tree.depths, default=0)
+        for counts, n in ((self.drafted_at_depth, depth), (self.accepted_at_depth, len(accepted.nodes))):
+            counts.extend([0] * (n - len(counts)))
+            for d in range(n):
+                counts[d] += 1
+
+    def to_json(self) -> dict:
+        return {
+            "drafts": self.drafts,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_per_depth": [round(a / d, 4) if d else None for a, d in
+                                     zip(self.accepted_at_depth + [0] * len(self.drafted_at_depth),
+                                         self.drafted_at_depth)],
+            "draft_s": round(self.draft_s, 6),
+            "verify_s": round(self.verify_s, 6),
+        }
+
+
 def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams,
-                 stop: Iterable[str] = (), stop_token_ids: Iterable[int] | None = None):
+                 stop: Iterable[str] = (), stop_token_ids: Iterable[int] | None = None,
+                 drafter=None, method: str = "greedy"):
     model, tokenizer = lm.model, lm.tokenizer
     context = model.config.max_position_embeddings
     check_prompt(prompt_ids, context, max_new_tokens)
@@ -94,38 +129,76 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
     stop_ids = set(tokenizer.eos_ids if stop_token_ids is None else stop_token_ids)
     stops, detok = StopStrings(stop), tokenizer.detokenizer()
     generator = sampling.generator(model.device)
+    spec = SpecStats()
     t_start = time.perf_counter()
 
+    def choose(logits: torch.Tensor) -> int:
+        if sampling.greedy:
+            return int(logits.argmax())
+        return int(sample(probabilities(logits, sampling), generator))
+
     with torch.inference_mode():
-        # 1. prefill: the prompt into the cache, logits of its last position only
-        cache = model.new_cache(len(prompt_ids) + budget)
+        # 1. prefill: the prompt into the cache, the first token from its last position
+        headroom = drafter.max_nodes + 1 if drafter else 0
+        cache = model.new_cache(min(context, len(prompt_ids) + budget) + headroom)
         prompt = torch.tensor([prompt_ids], device=model.device)
-        logits = model(prompt, cache=cache, last_n=1)[0, -1]
+        new = [choose(model(prompt, cache=cache, last_n=1)[0, -1])]
         t_prefill = time.perf_counter()
+        history = list(prompt_ids)  # prompt + everything emitted: what drafters look at
+        if drafter:
+            drafter.start(history)
         out: list[int] = []
-        steps, finish = 1, "length"
+        steps, finish = 1, None
         while True:
-            # 2. the next token from the target's distribution
-            if sampling.greedy:
-                token = int(logits.argmax())
-            else:
-                token = int(sample(probabilities(logits, sampling), generator))
-            out.append(token)
-            # 3. stop token, stop string, or budget
-            if token in stop_ids:
-                finish = "stop"
+            # 2. emit the new tokens, up to a stop token, a stop string or the budget
+            for token in new:
+                out.append(token)
+                if token in stop_ids:
+                    finish = "stop"
+                    break
+                text, hit = stops.feed(detok.push([token]))
+                if text:
+                    yield text
+                if hit:
+                    finish = "stop"
+                    break
+                if len(out) >= budget:
+                    finish = "length"
+                    break
+            if finish:
                 break
-            text, hit = stops.feed(detok.push([token]))
-            if text:
-                yield text
-            if hit:
-                finish = "stop"
-                break
-            if len(out) >= budget:
-                break
-            # 4. one target forward for the token just chosen
-            logits = model(torch.tensor([[token]], device=model.device), cache=cache)[0, -1]
+            history.extend(new)
+            root = new[-1]  # chosen, not yet in the cache
+            # 3. draft: a tree of guesses that fits the budget and the context
+            max_depth = min(budget - len(out) - 1, context - 1 - cache.length)
+            tree = None
+            if drafter and max_depth > 0:
+                t0 = time.perf_counter()
+                tree = drafter.propose(history, max_depth)
+                spec.draft_s += time.perf_counter() - t0
             steps += 1
+            if not tree:  # plain decoding: one token per forward
+                logits = model(torch.tensor([[root]], device=model.device), cache=cache)[0, -1]
+                new = [choose(logits)]
+                continue
+            # 4. verify: score [root, *tree] in one forward, keep the longest lossless path
+            t0 = time.perf_counter()
+            start = cache.length
+            mask = torch.ones(len(tree) + 1, start + len(tree) + 1, dtype=torch.bool)
+            mask[:, start:] = tree.ancestor_mask()
+            tokens = torch.tensor([[root, *tree.tokens]], device=model.device)
+            logits = model(tokens, tree.positions(start, model.device), cache,
+                           mask.to(model.device))[0]
+            if sampling.greedy:
+                accepted = verify_greedy(tree, logits)
+            else:
+                accepted = verify_sampling(tree, logits, sampling, generator)
+            kept = torch.tensor([start + 1 + n for n in accepted.nodes], dtype=torch.long)
+            cache.keep(kept, start=start + 1)  # root + accepted path; the rest is dropped
+            spec.verify_s += time.perf_counter() - t0
+            spec.record(tree, accepted)
+            drafter.observe(tree, logits, accepted)
+            new = accepted.tokens
 
     if finish == "length" or (out and out[-1] in stop_ids):
         tail, hit = stops.feed(detok.flush())
@@ -137,20 +210,25 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
             yield tail
     t_end = time.perf_counter()
     elapsed, decode_s = t_end - t_start, t_end - t_prefill
+    stats = {
+        "method": method,
+        "sampling": "greedy" if sampling.greedy else "sample",
+        "steps": steps,
+        "mean_accepted_tokens": round(len(out) / steps, 4),
+        "time_s": round(elapsed, 6),
+        "prefill_s": round(t_prefill - t_start, 6),
+        "decode_s": round(decode_s, 6),
+        "tokens_per_s": round(len(out) / elapsed, 3) if elapsed > 0 else None,
+        "decode_tokens_per_s": round((len(out) - 1) / decode_s, 3)
+        if decode_s > 0 and len(out) > 1 else None,
+    }
+    if drafter:
+        stats.update(spec.to_json())
     return GenerationResult(
         text=stops.text[: stops.sent],
         token_ids=out,
         prompt_tokens=len(prompt_ids),
         completion_tokens=len(out),
         finish_reason=finish,
-        stats={
-            "method": "greedy" if sampling.greedy else "sample",
-            "steps": steps,
-            "mean_accepted_tokens": len(out) / steps,
-            "time_s": round(elapsed, 6),
-            "prefill_s": round(t_prefill - t_start, 6),
-            "decode_s": round(decode_s, 6),
-            "tokens_per_s": round(len(out) / elapsed, 3) if elapsed > 0 else None,
-            "decode_tokens_per_s": round((len(out) - 1) / decode_s, 3) if decode_s > 0 and len(out) > 1 else None,
-        },
+        stats=stats,
     )

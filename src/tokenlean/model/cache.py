@@ -62,23 +62,25 @@ class KVCache:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
         self.length = length
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Compact the cache to the slots in `index`, in that order, without reallocating.
+    def keep(self, index: torch.Tensor, start: int = 0) -> None:
+        """Compact the cache to slots [0, start) + the slots in `index`, without reallocating.
 
-        `index` is (n,) for one set shared by all heads, or (H_kv, n) for a set per KV head
-        (equal sizes). Slots past the current length that the last forward wrote may be kept.
+        `index` (absolute slot numbers >= start, ascending) is (n,) for one set shared by all
+        heads, or (H_kv, n) for a set per KV head (equal sizes). Slots past the current length
+        that the last forward wrote may be kept (the accepted path of a draft tree).
         """
         index = index.to(self.k.device, torch.long)
         n = index.shape[-1]
+        end = start + n
         if index.dim() == 1:
-            self.k[:, :, :, :n] = self.k[:, :, :, index]
-            self.v[:, :, :, :n] = self.v[:, :, :, index]
+            self.k[:, :, :, start:end] = self.k[:, :, :, index]
+            self.v[:, :, :, start:end] = self.v[:, :, :, index]
         else:  # per-head sets: gather along the slot axis
             L, B, H, _, D = self.k.shape
             gather = index.view(1, 1, H, n, 1).expand(L, B, H, n, D)
-            self.k[:, :, :, :n] = self.k.gather(3, gather)
-            self.v[:, :, :, :n] = self.v.gather(3, gather)
-        self.length = n
+            self.k[:, :, :, start:end] = self.k.gather(3, gather)
+            self.v[:, :, :, start:end] = self.v.gather(3, gather)
+        self.length = end
 
     def resize(self, capacity: int) -> None:
         """Reallocate to `capacity` slots (keeping the valid ones): the way memory is freed."""

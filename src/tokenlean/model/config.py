@@ -70,7 +70,7 @@ class ModelConfig:
         if rope_scaling and rope_type not in ("linear", "llama3"):
             raise UserError(f"unsupported rope scaling {rope_type!r}; supported: linear, llama3")
         sliding = hf.get("sliding_window")
-        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
             sliding = None
         known = {f for f in cls.__dataclass_fields__ if f not in ("extra",)}
         kwargs = {k: hf[k] for k in known if k in hf and hf[k] is not None}

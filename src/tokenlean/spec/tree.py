@@ -1,0 +1,78 @@
+"""DraftTree: the guesses a drafter proposes, as tokens plus parent indices.
+
+Node i holds token `tokens[i]`; its parent is `parents[i]` (-1: the root, the
+last token already chosen but not yet in the KV cache). Parents come before
+their children. A chain is a tree with one branch. The tree alone derives
+what the target's forward needs: the ancestor mask and the positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    # (N, V): the draft distribution node i was sampled from (siblings share a row);
+    # None for deterministic drafters, whose nodes the verifier treats as one-hot.
+    q: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if len(self.tokens) != len(self.parents):
+            raise ValueError("tokens and parents differ in length")
+        for i, p in enumerate(self.parents):
+            if not -1 <= p < i:
+                raise ValueError(f"node {i} has parent {p}: parents must precede their children")
+
+    @classmethod
+    def chain(cls, tokens: list[int], q: torch.Tensor | None = None) -> DraftTree:
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), q)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @cached_property
+    def depths(self) -> list[int]:
+        """Depth of each node; the root's children have depth 1."""
+        depths: list[int] = []
+        for p in self.parents:
+            depths.append(1 if p < 0 else depths[p] + 1)
+        return depths
+
+    @cached_property
+    def children(self) -> list[list[int]]:
+        """children[0] are the root's children, children[i + 1] node i's."""
+        kids: list[list[int]] = [[] for _ in range(len(self) + 1)]
+        for i, p in enumerate(self.parents):
+            kids[p + 1].append(i)
+        return kids
+
+    def ancestor_mask(self, device=None) -> torch.Tensor:
+        """(N+1, N+1) bool: row r attends to column c iff c is r or an ancestor of r (root = 0)."""
+        n = len(self) + 1
+        mask = torch.eye(n, dtype=torch.bool)
+        mask[:, 0] = True
+        for i, p in enumerate(self.parents):
+            if p >= 0:
+                mask[i + 1] |= mask[p + 1]
+        return mask.to(device)
+
+    def positions(self, start: int, device=None) -> torch.Tensor:
+        """(N+1,) positions of [root, *nodes] when the root sits at `start`."""
+        return torch.tensor([start, *(start + d for d in self.depths)], device=device)
+
+    def paths(self) -> list[list[int]]:
+        """Every root-to-leaf path, as node indices."""
+        out, stack = [], [(i, [i]) for i in reversed(self.children[0])]
+        while stack:
+            node, path = stack.pop()
+            kids = self.children[node + 1]
+            if not kids:
+                out.append(path)
+            stack.extend((k, [*path, k]) for k in reversed(kids))
+        return out
