@@ -66,6 +66,17 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="stop string (repeatable); the text is cut before it")
 
 
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    from tokenlean.spec.registry import BASELINE, DRAFTERS
+
+    names = "; ".join(f"{name}: {cls.summary}" for name, cls in DRAFTERS.items())
+    p.add_argument("--method", default=BASELINE,
+                   help=f"decoding method (default {BASELINE}: plain decoding). Lossless "
+                        f"speculative methods: {names}")
+    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, repeatable (e.g. --method pld --method-arg max_ngram=4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenlean",
@@ -81,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", "-p", help="the prompt text")
     src.add_argument("--prompt-file", "-f", help="read the prompt from this file")
     add_sampling_args(g)
+    add_method_args(g)
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt as one user message in the model's chat template")
     g.add_argument("--json", action="store_true",
@@ -142,15 +154,19 @@ def read_prompt(args) -> str:
 def cmd_generate(args) -> int:
     from tokenlean.lm import load
     from tokenlean.sampling import SamplingParams
+    from tokenlean.spec.registry import check_method, parse_method_args
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    check_method(args.method)  # bad options fail before the model loads
+    parse_method_args(args.method, args.method_arg)
     prompt = read_prompt(args)
     if not prompt.strip():
         raise UserError("the prompt is empty")
     lm = load(args.model, device=args.device, dtype=args.dtype)
     if args.chat:
         prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    generation = lm.stream(prompt, args.max_new_tokens, sampling, stop=args.stop)
+    generation = lm.stream(prompt, args.max_new_tokens, sampling, stop=args.stop,
+                           method=args.method, method_args=args.method_arg)
     stream = not (args.json or args.no_stream)
     for delta in generation:
         if stream:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ class LM:
     folder: Path
     model: Transformer
     tokenizer: Tokenizer
+    drafters: dict = field(default_factory=dict, repr=False)  # kept across requests
 
     @property
     def context(self) -> int:
@@ -31,17 +32,33 @@ class LM:
     def encode(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
+    def drafter(self, method: str = "greedy", method_args: list[str] | dict | None = None):
+        """The drafter for a method, created once per (method, options) and then kept:
+        drafters that learn (Token Recycling's matrix) carry over between requests."""
+        from tokenlean.spec.registry import make_drafter
+
+        key = (method, repr(sorted(method_args.items()) if isinstance(method_args, dict)
+                            else method_args or []))
+        if key not in self.drafters:
+            self.drafters[key] = make_drafter(method, self, method_args)
+        return self.drafters[key]
+
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128,
                sampling: SamplingParams | None = None, stop: Iterable[str] = (),
-               stop_token_ids: Iterable[int] | None = None) -> Generation:
+               stop_token_ids: Iterable[int] | None = None, method: str = "greedy",
+               method_args: list[str] | dict | None = None) -> Generation:
         """Iterate for text deltas; `.result` is set at the end."""
+        drafter = self.drafter(method, method_args)
         return Generation(decode_steps(self, self.encode(prompt), max_new_tokens,
-                                       sampling or SamplingParams(), stop, stop_token_ids))
+                                       sampling or SamplingParams(), stop, stop_token_ids,
+                                       drafter=drafter, method=method))
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128,
                  sampling: SamplingParams | None = None, stop: Iterable[str] = (),
-                 stop_token_ids: Iterable[int] | None = None) -> GenerationResult:
-        generation = self.stream(prompt, max_new_tokens, sampling, stop, stop_token_ids)
+                 stop_token_ids: Iterable[int] | None = None, method: str = "greedy",
+                 method_args: list[str] | dict | None = None) -> GenerationResult:
+        generation = self.stream(prompt, max_new_tokens, sampling, stop, stop_token_ids,
+                                 method, method_args)
         for _ in generation:
             pass
         return generation.result

@@ -206,6 +206,10 @@ def run_decode_bench(args) -> dict:
     if load_avg is not None and device.type == "cpu" and load_avg > 0.5:
         notes.append(f"1-minute load average was {load_avg} at the start: other processes "
                      "competed for the CPU, so these figures are only indicative")
+        cpus = machine.get("cpu_count") or 1
+        if load_avg + machine["threads"] > cpus and machine["threads"] > 1:
+            notes.append(f"{machine['threads']} threads on {cpus} busy CPUs: oversubscribed "
+                         "threads slow both systems unevenly; compare with --threads 1")
     result = {
         "benchmark": "decode",
         "command": _command(args, lm.name),

@@ -81,7 +81,7 @@ def print_decode_table(result: dict, json_path: Path | None = None, file=None) -
     console = Console(file=file or sys.stdout)
     setup = result["setup"]
     title = (f"decode: {result['model']['name']}, {setup['dtype']} on {setup['device']}, "
-             f"{setup['threads']} threads, {setup['prompts']} prompts x {setup['prompt_tokens']} "
+             f"{setup['threads']} thread{'s' if setup['threads'] != 1 else ''}, {setup['prompts']} prompts x {setup['prompt_tokens']} "
              f"tokens -> {setup['max_new_tokens']} new, median of {setup['repeats']}")
     table = Table(title=title)
     table.add_column("system")

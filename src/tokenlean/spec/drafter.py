@@ -1,0 +1,39 @@
+"""The drafter interface: propose a DraftTree, then learn from what the target said."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from tokenlean.spec.tree import DraftTree
+from tokenlean.spec.verify import Accepted
+
+
+class Drafter:
+    """Subclasses set `name`, `Params` (a dataclass of hyperparameters) and `paper`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+    paper: ClassVar[str]
+    summary: ClassVar[str]
+    needs_draft_model: ClassVar[bool] = False
+
+    def __init__(self, lm, params):
+        self.lm = lm
+        self.params = params
+
+    @property
+    def max_nodes(self) -> int:
+        """The most nodes a proposed tree holds (the KV cache keeps room for them)."""
+        raise NotImplementedError
+
+    def start(self, history: list[int]) -> None:
+        """A new request begins with these prompt tokens."""
+
+    def propose(self, history: list[int], max_depth: int) -> DraftTree:
+        """Guesses to follow `history` (prompt + output so far), at most max_depth deep."""
+        raise NotImplementedError
+
+    def observe(self, tree: DraftTree, logits: torch.Tensor, accepted: Accepted) -> None:
+        """The target's logits over [root, *tree] and what was accepted."""

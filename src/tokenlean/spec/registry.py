@@ -1,0 +1,74 @@
+"""Method names -> drafters; `key=value` method options parsed against each drafter's Params."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tokenlean.errors import UserError
+from tokenlean.spec.drafter import Drafter
+from tokenlean.spec.drafters.pld import PromptLookup
+
+BASELINE = "greedy"  # plain decoding: one target forward per token (samples when temperature > 0)
+DRAFTERS: dict[str, type[Drafter]] = {cls.name: cls for cls in (PromptLookup,)}
+
+
+def method_names() -> list[str]:
+    return [BASELINE, *DRAFTERS]
+
+
+def parse_method_args(method: str, pairs: list[str] | dict | None) -> dict:
+    """['k=v', ...] (or a dict) -> typed keyword arguments for the method's Params."""
+    if not pairs:
+        return {}
+    if method == BASELINE:
+        raise UserError(f"method {BASELINE!r} takes no options")
+    fields = {f.name: f for f in dataclasses.fields(DRAFTERS[method].Params)}
+    items = pairs.items() if isinstance(pairs, dict) else [_split(p) for p in pairs]
+    out = {}
+    for key, value in items:
+        if key not in fields:
+            raise UserError(f"unknown option {key!r} for method {method!r}; "
+                            f"valid: {', '.join(fields) or 'none'}")
+        default = fields[key].default
+        try:
+            out[key] = type(default)(value) if not isinstance(default, bool) else _bool(value)
+        except (TypeError, ValueError):
+            raise UserError(f"option {key}={value!r} for {method!r} must be a "
+                            f"{type(default).__name__}") from None
+    return out
+
+
+def _split(pair: str) -> tuple[str, str]:
+    key, sep, value = pair.partition("=")
+    if not sep or not key:
+        raise UserError(f"method option {pair!r} must look like key=value")
+    return key.strip(), value.strip()
+
+
+def _bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(value).lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def check_method(method: str) -> None:
+    if method not in method_names():
+        raise UserError(f"unknown method {method!r}; valid: {', '.join(method_names())}")
+
+
+def make_drafter(method: str, lm, args: list[str] | dict | None = None, **extra) -> Drafter | None:
+    """A new drafter for `method` on `lm` (None for the plain-decoding baseline)."""
+    check_method(method)
+    kwargs = parse_method_args(method, args)
+    if method == BASELINE:
+        return None
+    cls = DRAFTERS[method]
+    try:
+        params = cls.Params(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"method {method!r}: {e}") from None
+    return cls(lm, params, **extra)
