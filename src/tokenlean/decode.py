@@ -177,7 +177,7 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
                 tree = drafter.propose(history, max_depth)
                 spec.draft_s += time.perf_counter() - t0
             steps += 1
-            if not tree:  # plain decoding: one token per forward
+            if tree is None:  # plain decoding: one token per forward
                 logits = model(torch.tensor([[root]], device=model.device), cache=cache)[0, -1]
                 new = [choose(logits)]
                 continue
@@ -200,6 +200,8 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
             drafter.observe(tree, logits, accepted)
             new = accepted.tokens
 
+    if drafter:
+        drafter.end()
     if finish == "length" or (out and out[-1] in stop_ids):
         tail, hit = stops.feed(detok.flush())
         if hit:

@@ -37,3 +37,6 @@ class Drafter:
 
     def observe(self, tree: DraftTree, logits: torch.Tensor, accepted: Accepted) -> None:
         """The target's logits over [root, *tree] and what was accepted."""
+
+    def end(self) -> None:
+        """The request is over (e.g. persist learned state)."""

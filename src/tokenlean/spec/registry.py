@@ -7,9 +7,10 @@ import dataclasses
 from tokenlean.errors import UserError
 from tokenlean.spec.drafter import Drafter
 from tokenlean.spec.drafters.pld import PromptLookup
+from tokenlean.spec.drafters.recycling import TokenRecycling
 
 BASELINE = "greedy"  # plain decoding: one target forward per token (samples when temperature > 0)
-DRAFTERS: dict[str, type[Drafter]] = {cls.name: cls for cls in (PromptLookup,)}
+DRAFTERS: dict[str, type[Drafter]] = {cls.name: cls for cls in (PromptLookup, TokenRecycling)}
 
 
 def method_names() -> list[str]:

@@ -1,0 +1,121 @@
+"""Token Recycling: reuse the candidates the target already computed.
+
+Luo et al., "Turning Trash into Treasure: Accelerating Inference of Large
+Language Models with Token Recycling", arXiv 2408.08696.
+
+An adjacency matrix M (vocab x k) holds, for each token, the target's top-k
+next tokens last seen after it. A static tree template is filled level by
+level: node (i) is the root's i-th candidate, node (i, j) that token's j-th
+candidate, and so on. After every verification forward, the row of every
+token in the tree (accepted or not) is overwritten with the top-k of the
+target's logits at its position. The matrix is never reset between requests
+("hot start") and may be saved and loaded.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenlean.errors import UserError
+from tokenlean.spec.drafter import Drafter
+from tokenlean.spec.tree import DraftTree
+
+# Prior weight of the r-th candidate, roughly how often rank r is the accepted one.
+RANK_WEIGHTS = (0.55, 0.17, 0.08, 0.05, 0.04, 0.03, 0.025, 0.02)
+
+
+@dataclass
+class RecyclingParams:
+    num_nodes: int = 80  # tree size; the paper's template has ~80 nodes over 6 levels
+    max_depth: int = 6
+    k: int = 8  # candidates kept per token
+    matrix_path: str = ""  # load the matrix from / save it to this .npy file
+
+    def __post_init__(self):
+        if not 1 <= self.k <= len(RANK_WEIGHTS):
+            raise ValueError(f"k must be in [1, {len(RANK_WEIGHTS)}]")
+        if self.num_nodes < 1 or self.max_depth < 1:
+            raise ValueError("num_nodes and max_depth must be >= 1")
+
+
+def tree_template(num_nodes: int, max_depth: int, k: int) -> list[tuple[int, int]]:
+    """(parent, rank) per node, breadth-first: the num_nodes candidate paths with the largest
+    product of rank weights (80 nodes, 6 levels, k=8: 8/20/20/19/6/7 nodes per level,
+    close to the paper's 8/21/25/15/8/3)."""
+    chosen: list[tuple[int, int, int]] = []  # (depth, parent, rank)
+    heap = [(-RANK_WEIGHTS[r], 1, -1, r) for r in range(k)]
+    while heap and len(chosen) < num_nodes:
+        neg_w, depth, parent, rank = heapq.heappop(heap)
+        index = len(chosen)
+        chosen.append((depth, parent, rank))
+        if depth < max_depth:
+            for r in range(k):
+                heapq.heappush(heap, (neg_w * RANK_WEIGHTS[r], depth + 1, index, r))
+    # renumber breadth-first so parents precede children level by level
+    order = sorted(range(len(chosen)), key=lambda i: (chosen[i][0], i))
+    new_index = {old: new for new, old in enumerate(order)}
+    return [(new_index.get(chosen[i][1], -1), chosen[i][2]) for i in order]
+
+
+class TokenRecycling(Drafter):
+    name = "recycling"
+    Params = RecyclingParams
+    paper = "Luo et al., Token Recycling, arXiv 2408.08696"
+    summary = "adjacency matrix of the target's past top-k, static ~80-node tree"
+
+    def __init__(self, lm, params: RecyclingParams):
+        super().__init__(lm, params)
+        self.template = tree_template(params.num_nodes, params.max_depth, params.k)
+        vocab = lm.model.config.vocab_size
+        self.matrix = np.full((vocab, params.k), -1, dtype=np.int32)  # -1: nothing seen yet
+        if params.matrix_path and Path(params.matrix_path).is_file():
+            self.load(params.matrix_path)
+
+    @property
+    def max_nodes(self) -> int:
+        return len(self.template)
+
+    def propose(self, history: list[int], max_depth: int) -> DraftTree:
+        tokens, parents, depth_of = [], [], []
+        placed: list[int] = []  # template node -> tree node (-1: pruned)
+        seen: set[tuple[int, int]] = set()  # (tree parent, token): no duplicate siblings
+        root = self.root = history[-1]  # observe() refreshes its row too
+        for parent, rank in self.template:
+            tree_parent = -1 if parent < 0 else placed[parent]
+            depth = 1 if parent < 0 else (depth_of[tree_parent] + 1 if tree_parent >= 0 else 0)
+            source = root if parent < 0 else (tokens[tree_parent] if tree_parent >= 0 else -1)
+            token = int(self.matrix[source, rank]) if source >= 0 else -1
+            if token < 0 or depth > max_depth or (tree_parent, token) in seen or \
+                    (parent >= 0 and tree_parent < 0):
+                placed.append(-1)
+                continue
+            seen.add((tree_parent, token))
+            placed.append(len(tokens))
+            tokens.append(token)
+            parents.append(tree_parent)
+            depth_of.append(depth)
+        return DraftTree(tokens, parents)
+
+    def observe(self, tree: DraftTree, logits: torch.Tensor, accepted) -> None:
+        # every scored position refreshes its token's row, accepted or not
+        rows = [self.root, *tree.tokens]
+        top = logits.topk(self.params.k, dim=-1).indices.to(torch.int32).cpu().numpy()
+        self.matrix[np.asarray(rows)] = top
+
+    def end(self) -> None:
+        if self.params.matrix_path:
+            self.save(self.params.matrix_path)
+
+    def save(self, path: str | Path) -> None:
+        np.save(path, self.matrix)
+
+    def load(self, path: str | Path) -> None:
+        matrix = np.load(path)
+        if matrix.shape != self.matrix.shape:
+            raise UserError(f"{path}: matrix shape {matrix.shape}, expected {self.matrix.shape}")
+        self.matrix = matrix.astype(np.int32)
