@@ -146,7 +146,7 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
         t_prefill = time.perf_counter()
         history = list(prompt_ids)  # prompt + everything emitted: what drafters look at
         if drafter:
-            drafter.start(history)
+            drafter.start(history, sampling)
         out: list[int] = []
         steps, finish = 1, None
         while True:

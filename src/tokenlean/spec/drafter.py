@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenlean.sampling import SamplingParams
 from tokenlean.spec.tree import DraftTree
 from tokenlean.spec.verify import Accepted
 
@@ -28,8 +29,8 @@ class Drafter:
         """The most nodes a proposed tree holds (the KV cache keeps room for them)."""
         raise NotImplementedError
 
-    def start(self, history: list[int]) -> None:
-        """A new request begins with these prompt tokens."""
+    def start(self, history: list[int], sampling: SamplingParams) -> None:
+        """A new request begins with these prompt tokens and sampling parameters."""
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:
         """Guesses to follow `history` (prompt + output so far), at most max_depth deep."""

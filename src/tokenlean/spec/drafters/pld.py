@@ -32,7 +32,7 @@ class PromptLookup(Drafter):
     def max_nodes(self) -> int:
         return self.params.num_draft_tokens * self.params.max_matches
 
-    def start(self, history: list[int]) -> None:
+    def start(self, history: list[int], sampling=None) -> None:
         # n -> n-gram -> end positions (index of its last token), in order of appearance
         self.index = {n: defaultdict(list) for n in range(self.params.min_ngram, self.params.max_ngram + 1)}
         self.indexed = 0  # history[:indexed] is in the index

@@ -1,0 +1,107 @@
+"""Speculative sampling with a small draft model (a chain of drafted tokens).
+
+Leviathan, Kalman, Matias, "Fast Inference from Transformers via Speculative
+Decoding", arXiv 2211.17192; Chen et al., "Accelerating Large Language Model
+Decoding with Speculative Sampling", arXiv 2302.01318.
+
+The draft model keeps its own KV cache in step with the output: each call
+truncates it to the longest prefix it shares with the history and feeds the
+rest, then samples k tokens one by one from q (shaped by the same temperature /
+top-k / top-p as the target's p, and attached to the tree so the verifier uses
+the q really sampled from). k adapts to acceptance: +2 after a fully accepted
+chain, -1 otherwise (the heuristic transformers' assisted generation uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenlean.errors import UserError
+from tokenlean.sampling import SamplingParams, probabilities, sample
+from tokenlean.spec.drafter import Drafter
+from tokenlean.spec.tree import DraftTree
+from tokenlean.zoo import DEFAULT_DRAFT
+
+
+@dataclass
+class DraftModelParams:
+    model: str = DEFAULT_DRAFT  # zoo name, checkpoint folder or hub id (same tokenizer)
+    num_draft_tokens: int = 4  # starting chain length
+    max_draft_tokens: int = 12
+    adaptive: bool = True
+
+    def __post_init__(self):
+        if not 1 <= self.num_draft_tokens <= self.max_draft_tokens:
+            raise ValueError("need 1 <= num_draft_tokens <= max_draft_tokens")
+
+
+class DraftModel(Drafter):
+    name = "draft"
+    Params = DraftModelParams
+    paper = "Leviathan et al. arXiv 2211.17192; Chen et al. arXiv 2302.01318"
+    summary = "speculative sampling with a draft model (tl-code-draft), adaptive chain"
+    needs_draft_model = True
+
+    def __init__(self, lm, params: DraftModelParams):
+        from tokenlean.lm import load
+
+        super().__init__(lm, params)
+        self.draft = load(params.model, device=str(lm.model.device), dtype=lm.model.dtype).model
+        if self.draft.config.vocab_size != lm.model.config.vocab_size:
+            raise UserError(f"draft model {params.model!r} has vocabulary "
+                            f"{self.draft.config.vocab_size}, the target "
+                            f"{lm.model.config.vocab_size}: they must share a tokenizer")
+        self.k = params.num_draft_tokens
+        self.sampling = SamplingParams()
+
+    @property
+    def max_nodes(self) -> int:
+        return self.params.max_draft_tokens
+
+    def start(self, history: list[int], sampling: SamplingParams) -> None:
+        self.sampling = sampling
+        seed = None if self.sampling.seed is None else self.sampling.seed + 1
+        self.generator = SamplingParams(seed=seed).generator(self.draft.device)
+        context = self.draft.config.max_position_embeddings
+        if not hasattr(self, "cache") or self.cache.capacity < context:
+            self.cache = self.draft.new_cache(context)
+        self.cache.truncate(0)
+        self.cached: list[int] = []  # tokens whose keys/values are in the draft cache
+
+    def _catch_up(self, history: list[int]) -> torch.Tensor:
+        """Bring the draft cache to `history`; return the draft's logits after it."""
+        common = 0
+        for a, b in zip(self.cached, history[:-1]):
+            if a != b:
+                break
+            common += 1
+        self.cache.truncate(common)
+        fresh = torch.tensor([history[common:]], device=self.draft.device)
+        self.cached = list(history)
+        return self.draft(fresh, cache=self.cache, last_n=1)[0, -1]
+
+    def propose(self, history: list[int], max_depth: int) -> DraftTree:
+        k = min(self.k, max_depth, self.draft.config.max_position_embeddings - len(history))
+        if k < 1:
+            return DraftTree()
+        logits = self._catch_up(history)
+        tokens, qs = [], []
+        for i in range(k):
+            q = probabilities(logits, self.sampling)  # (V,) what the token is drawn from
+            token = int(q.argmax()) if self.sampling.greedy else int(sample(q, self.generator))
+            tokens.append(token)
+            qs.append(q)
+            if i + 1 < k:
+                logits = self.draft(torch.tensor([[token]], device=self.draft.device),
+                                    cache=self.cache)[0, -1]
+                self.cached.append(token)
+        return DraftTree.chain(tokens, None if self.sampling.greedy else torch.stack(qs))
+
+    def observe(self, tree: DraftTree, logits: torch.Tensor, accepted) -> None:
+        if self.params.adaptive and len(tree):
+            if len(accepted.nodes) == len(tree):
+                self.k = min(self.k + 2, self.params.max_draft_tokens)
+            else:
+                self.k = max(1, self.k - 1)
