@@ -133,6 +133,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch threads for both (default: torch's)")
     bd.add_argument("--no-peers", action="store_true", help="skip transformers")
     bd.add_argument("--out", default="bench-results", help="folder for the JSON result")
+
+    from tokenlean.bench.spec import DEFAULT_METHODS, DEFAULT_PEERS, DEFAULT_TASKS
+
+    bs = bsub.add_parser("spec", help="speculative decoding, Spec-Bench style: tokenlean's "
+                         "methods vs transformers' generate, prompt lookup, assisted generation",
+                         description="Lossless speculative decoding on four tasks, every "
+                         "system on the same weights in the same run: mean accepted tokens "
+                         "per step (MAT), tokens/s, speedup vs tokenlean greedy, exactness.")
+    add_model_args(bs)
+    bs.add_argument("--tasks", default=DEFAULT_TASKS,
+                    help=f"comma-separated subset of {DEFAULT_TASKS} (default: all)")
+    bs.add_argument("--prompts", type=_positive_int, default=8,
+                    help="prompts per task (default 8)")
+    bs.add_argument("--prompt-tokens", type=_positive_int, default=256,
+                    help="tokens per prompt of the code and random tasks (default 256)")
+    bs.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128)
+    bs.add_argument("--repeats", type=_positive_int, default=3, help="repetitions (median taken)")
+    bs.add_argument("--threads", type=_positive_int, default=None,
+                    help="torch threads for all systems (default: torch's)")
+    bs.add_argument("--methods", action="append", default=None, metavar="LIST",
+                    help=f"tokenlean methods, comma-separated, options after a colon: e.g. "
+                         f"greedy,recycling,recycling:num_nodes=16,draft:model=FOLDER "
+                         f"(default {DEFAULT_METHODS}; greedy, the baseline, always runs)")
+    bs.add_argument("--peers", default=DEFAULT_PEERS,
+                    help=f"transformers peers, comma-separated, or none (default {DEFAULT_PEERS})")
+    bs.add_argument("--prompt-lookup-num-tokens", type=_positive_int, default=10,
+                    help="hf-pld's prompt_lookup_num_tokens (default 10)")
+    bs.add_argument("--out", default="bench-results", help="folder for the JSON result and PNG")
     return parser
 
 
@@ -232,8 +260,12 @@ def cmd_bench(args) -> int:
         from tokenlean.bench.decode import run_decode_bench
 
         run_decode_bench(args)
+    elif args.bench_command == "spec":
+        from tokenlean.bench.spec import run_spec_bench
+
+        run_spec_bench(args)
     else:
-        raise UserError("bench needs a command: decode (see tokenlean bench --help)")
+        raise UserError("bench needs a command: decode or spec (see tokenlean bench --help)")
     return 0
 
 

@@ -114,6 +114,8 @@ class SpecStats:
             "acceptance_per_depth": [round(a / d, 4) if d else None for a, d in
                                      zip(self.accepted_at_depth + [0] * len(self.drafted_at_depth),
                                          self.drafted_at_depth)],
+            "accepted_at_depth": self.accepted_at_depth,
+            "drafted_at_depth": self.drafted_at_depth,
             "draft_s": round(self.draft_s, 6),
             "verify_s": round(self.verify_s, 6),
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenlean.errors import UserError
 from tokenlean.zoo.corpus import read_source, source_files, stdlib_root
@@ -39,12 +40,19 @@ def heldout_prompts(tokenizer, count: int, length: int) -> list[Prompt]:
     `encode(text, add_special_tokens=False) -> list[int]`). No special tokens are
     added: each prompt is a window in the middle of a file.
     """
-    if count < 1 or length < 1:
-        raise UserError(f"need at least one prompt of at least one token, got {count} x {length}")
     files = source_files("heldout")
     if not files:
         raise UserError("no held-out source files found in this interpreter's standard library")
-    root = stdlib_root()
+    return code_windows(tokenizer, files, stdlib_root(), count, length, "the held-out code")
+
+
+def code_windows(tokenizer, files: list[Path], root: Path, count: int, length: int,
+                 what: str = "the source") -> list[Prompt]:
+    """`count` windows of exactly `length` token ids from `files` (sorted, read as UTF-8),
+    round-robin: window 0 of every file long enough, then window 1, ... Each file is
+    tokenized on first use; `Prompt.source` is its path relative to `root`."""
+    if count < 1 or length < 1:
+        raise UserError(f"need at least one prompt of at least one token, got {count} x {length}")
     tokenized: dict[int, list[int]] = {}  # file index -> ids, tokenized on first use
     prompts: list[Prompt] = []
     window = 0
@@ -63,7 +71,7 @@ def heldout_prompts(tokenizer, count: int, length: int) -> list[Prompt]:
             if len(prompts) == count:
                 break
         if not found:
-            raise UserError(f"the held-out code holds only {len(prompts)} windows of {length} "
+            raise UserError(f"{what} holds only {len(prompts)} windows of {length} "
                             f"tokens; ask for fewer prompts or shorter ones")
         window += 1
     return prompts

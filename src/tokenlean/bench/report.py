@@ -110,3 +110,43 @@ def print_decode_table(result: dict, json_path: Path | None = None, file=None) -
         console.print(f"[dim]{note}[/dim]")
     if json_path is not None:
         console.print(f"results: {json_path}")
+
+
+def print_spec_table(result: dict, json_path: Path | None = None, png_path: Path | None = None,
+                     plot_note: str | None = None, file=None) -> None:
+    """One row per (task, system): MAT, tokens/s, speedup over tokenlean greedy, exact."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout)
+    setup = result["setup"]
+    title = (f"spec: {result['model']['name']}, {setup['dtype']} on {setup['device']}, "
+             f"{setup['threads']} thread{'s' if setup['threads'] != 1 else ''}, "
+             f"{setup['prompts_per_task']} prompts per task -> {setup['max_new_tokens']} new "
+             f"tokens, greedy, median of {setup['repeats']}")
+    table = Table(title=title)
+    for name, justify in (("task", "left"), ("system", "left"), ("MAT", "right"),
+                          ("tok/s", "right"), ("speedup", "right"), ("exact", "center")):
+        table.add_column(name, justify=justify)
+    for i, (task, systems) in enumerate(result["results"].items()):
+        if i:
+            table.add_section()
+        for label, s in systems.items():
+            exact = "ref" if label == "greedy" else "yes" if s["exact"] else "[red]no[/red]"
+            table.add_row(task, label, _fmt(s["median_mat"], ".2f"),
+                          _fmt(s["median_tokens_per_s"]), _fmt(s["speedup"], ".2f", "x"), exact)
+    console.print(table)
+    for task, prompts in result["per_prompt"].items():
+        for label in result["results"][task]:
+            bad = [p for p in prompts if not p["systems"][label]["exact"]]
+            if bad:
+                console.print(f"[yellow]not exact[/yellow]: {task} / {label} differs from greedy "
+                              f"on {len(bad)} of {len(prompts)} prompts (first difference at new "
+                              "token " + ", ".join(str(p["systems"][label]["first_difference"])
+                                                   for p in bad) + ")")
+    for note in result.get("notes", []):
+        console.print(f"[dim]{note}[/dim]")
+    if plot_note:
+        console.print(f"[dim]{plot_note}[/dim]")
+    if json_path is not None:
+        console.print(f"results: {json_path}" + (f", plot: {png_path}" if png_path else ""))

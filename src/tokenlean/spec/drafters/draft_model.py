@@ -62,6 +62,7 @@ class DraftModel(Drafter):
 
     def start(self, history: list[int], sampling: SamplingParams) -> None:
         self.sampling = sampling
+        self.k = self.params.num_draft_tokens  # each request starts afresh
         seed = None if self.sampling.seed is None else self.sampling.seed + 1
         self.generator = SamplingParams(seed=seed).generator(self.draft.device)
         context = self.draft.config.max_position_embeddings
