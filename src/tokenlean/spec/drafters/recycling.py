@@ -31,7 +31,7 @@ RANK_WEIGHTS = (0.55, 0.17, 0.08, 0.05, 0.04, 0.03, 0.025, 0.02)
 
 @dataclass
 class RecyclingParams:
-    num_nodes: int = 80  # tree size; the paper's template has ~80 nodes over 6 levels
+    num_nodes: int = 0  # tree size; 0 = sized for this device; the paper's template has 80
     max_depth: int = 6
     k: int = 8  # candidates kept per token
     matrix_path: str = ""  # load the matrix from / save it to this .npy file
@@ -39,8 +39,8 @@ class RecyclingParams:
     def __post_init__(self):
         if not 1 <= self.k <= len(RANK_WEIGHTS):
             raise ValueError(f"k must be in [1, {len(RANK_WEIGHTS)}]")
-        if self.num_nodes < 1 or self.max_depth < 1:
-            raise ValueError("num_nodes and max_depth must be >= 1")
+        if self.num_nodes < 0 or self.max_depth < 1:
+            raise ValueError("num_nodes must be >= 0 (0 = auto) and max_depth >= 1")
 
 
 def tree_template(num_nodes: int, max_depth: int, k: int) -> list[tuple[int, int]]:
@@ -62,6 +62,23 @@ def tree_template(num_nodes: int, max_depth: int, k: int) -> list[tuple[int, int
     return [(new_index.get(chosen[i][1], -1), chosen[i][2]) for i in order]
 
 
+def expected_tokens(template: list[tuple[int, int]]) -> float:
+    """Tokens per step the template promises under the rank prior: 1 (the bonus) plus, for
+    every node, the chance that its whole path is accepted."""
+    weights: list[float] = []
+    for parent, rank in template:
+        weights.append(RANK_WEIGHTS[rank] * (weights[parent] if parent >= 0 else 1.0))
+    return 1.0 + sum(weights)
+
+
+def device_sized_nodes(model, max_depth: int, k: int) -> int:
+    """Tree size that maximises expected tokens per second on this device."""
+    from tokenlean.spec.budget import best_size, forward_costs
+
+    costs = forward_costs(model)
+    return best_size(costs, lambda n: expected_tokens(tree_template(n, max_depth, k)))
+
+
 class TokenRecycling(Drafter):
     name = "recycling"
     Params = RecyclingParams
@@ -70,7 +87,8 @@ class TokenRecycling(Drafter):
 
     def __init__(self, lm, params: RecyclingParams):
         super().__init__(lm, params)
-        self.template = tree_template(params.num_nodes, params.max_depth, params.k)
+        nodes = params.num_nodes or device_sized_nodes(lm.model, params.max_depth, params.k)
+        self.template = tree_template(nodes, params.max_depth, params.k)
         vocab = lm.model.config.vocab_size
         self.matrix = np.full((vocab, params.k), -1, dtype=np.int32)  # -1: nothing seen yet
         if params.matrix_path and Path(params.matrix_path).is_file():
