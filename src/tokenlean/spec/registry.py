@@ -20,6 +20,7 @@ def method_names() -> list[str]:
 
 def parse_method_args(method: str, pairs: list[str] | dict | None) -> dict:
     """['k=v', ...] (or a dict) -> typed keyword arguments for the method's Params."""
+    check_method(method)
     if not pairs:
         return {}
     if method == BASELINE:

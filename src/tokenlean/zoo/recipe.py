@@ -78,7 +78,7 @@ class ModelSpec:
 
 SPECS = {
     "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2),
-    "tl-code-draft": ModelSpec("tl-code-draft", 192, 512, 4, 3, 1, lr=3e-3, steps=1000,
+    "tl-code-draft": ModelSpec("tl-code-draft", 192, 512, 4, 3, 1, lr=3e-3, steps=600,
                                retrieval_fraction=0.05, distill_from="tl-code"),
 }
 
