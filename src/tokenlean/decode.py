@@ -97,6 +97,8 @@ class SpecStats:
         self.draft_s = self.verify_s = 0.0
 
     def record(self, tree: DraftTree, accepted: Accepted) -> None:
+        if not len(tree):  # nothing was drafted: not a draft (vLLM counts the same way)
+            return
         self.drafts += 1
         self.drafted += len(tree)
         self.accepted += len(accepted.nodes)

@@ -92,10 +92,11 @@ def retrieval_accuracy(lm, length: int, samples: int, seed: int = 1234) -> float
     for _ in range(samples):
         header, question, answer = retrieval_pair(rng)
         head, tail = lm.tokenizer.encode(header), lm.tokenizer.encode(question)
-        n_filler = length - len(head) - len(tail)
+        room = len(lm.tokenizer.encode(answer)) + 1  # prompt + answer fit in `length`
+        n_filler = length - len(head) - len(tail) - room
         start = rng.randrange(len(stream) - n_filler)
         prompt = head + stream[start : start + n_filler].tolist() + tail
-        out = lm.generate(prompt, max_new_tokens=len(lm.tokenizer.encode(answer)) + 1)
+        out = lm.generate(prompt, max_new_tokens=room)
         correct += bool(re.match(rf"\s*{re.escape(answer.strip())}(?!\w)", out.text))
     return correct / samples
 
