@@ -75,3 +75,17 @@ def make_drafter(method: str, lm, args: list[str] | dict | None = None, **extra)
     except (TypeError, ValueError) as e:
         raise UserError(f"method {method!r}: {e}") from None
     return cls(lm, params, **extra)
+
+
+def methods_markdown() -> str:
+    """The README's methods table, generated from the registry (tests keep them in sync)."""
+    rows = ["| method | what it does | options (defaults) | paper |", "|---|---|---|---|",
+            f"| `{BASELINE}` | plain decoding, one target forward per token (the baseline) | - | - |"]
+    for name, cls in DRAFTERS.items():
+        options = ", ".join(f"`{f.name}={f.default}`" for f in dataclasses.fields(cls.Params))
+        rows.append(f"| `{name}` | {cls.summary} | {options} | {cls.paper} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(methods_markdown())

@@ -83,7 +83,7 @@ class TokenRecycling(Drafter):
     name = "recycling"
     Params = RecyclingParams
     paper = "Luo et al., Token Recycling, arXiv 2408.08696"
-    summary = "adjacency matrix of the target's past top-k, static ~80-node tree"
+    summary = "adjacency matrix of the target's past top-k fills a static tree (num_nodes=0: sized for the device; 80: the paper's)"
 
     def __init__(self, lm, params: RecyclingParams):
         super().__init__(lm, params)
