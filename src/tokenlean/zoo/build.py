@@ -127,9 +127,16 @@ def write_card(name: str, quick: bool = False) -> dict:
     card["eval_seconds"] = round(time.time() - t0, 1)
     folder = ZOO_DIR / name
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    (folder / "README.md").write_text(card_markdown(card, spec))
+    render_card(name)
     print(json.dumps({k: v for k, v in card.items() if k != "samples"}, indent=2))
     return card
+
+
+def render_card(name: str) -> None:
+    """README.md of a zoo model from its card.json and the recipe's notes."""
+    folder = ZOO_DIR / name
+    card = json.loads((folder / "card.json").read_text())
+    (folder / "README.md").write_text(card_markdown(card, _spec(name)))
 
 
 def card_markdown(card: dict, spec) -> str:
