@@ -104,7 +104,7 @@ def test_bench_spec_draft_with_target_accepts_everything(run):
     (["--methods", "greedy,magic"], "unknown method 'magic'"),
     (["--methods", "recycling:num_nodez=16"], "unknown option 'num_nodez'"),
     (["--methods", "recycling:num_nodes=many"], "must be a int"),
-    (["--methods", "recycling:num_nodes=0"], "num_nodes"),
+    (["--methods", "recycling:num_nodes=-1"], "num_nodes"),
     (["--methods", "pld,pld"], "twice"),
     (["--peers", "vllm"], "unknown peer 'vllm'"),
     (["--prompt-tokens", "250"], "context"),
