@@ -229,7 +229,7 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
         if decode_s > 0 and len(out) > 1 else None,
     }
     if drafter:
-        stats.update(spec.to_json())
+        stats.update(spec.to_json(), **drafter.info())
     return GenerationResult(
         text=stops.text[: stops.sent],
         token_ids=out,

@@ -41,3 +41,7 @@ class Drafter:
 
     def end(self) -> None:
         """The request is over (e.g. persist learned state)."""
+
+    def info(self) -> dict:
+        """Drafter facts worth reporting with a generation's stats (e.g. the tree size)."""
+        return {}

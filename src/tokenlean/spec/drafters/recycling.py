@@ -125,6 +125,9 @@ class TokenRecycling(Drafter):
         top = logits.topk(self.params.k, dim=-1).indices.to(torch.int32).cpu().numpy()
         self.matrix[np.asarray(rows)] = top
 
+    def info(self) -> dict:
+        return {"tree_nodes": len(self.template)}
+
     def end(self) -> None:
         if self.params.matrix_path:
             self.save(self.params.matrix_path)
