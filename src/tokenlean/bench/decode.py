@@ -17,16 +17,20 @@ Exactness: tokenlean's greedy token ids against transformers', prompt by prompt.
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 import statistics
-import sys
 import time
 
 import torch
 
 from tokenlean.bench.prompts import heldout_prompts
-from tokenlean.bench.report import machine_info, print_decode_table, utc_now, write_json
+from tokenlean.bench.report import (
+    machine_info,
+    print_decode_table,
+    run_header,
+    utc_now,
+    write_json,
+)
 from tokenlean.errors import UserError
 
 
@@ -44,15 +48,6 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def _weights_digest(folder) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _command(args, model_name: str) -> str:
@@ -211,19 +206,7 @@ def run_decode_bench(args) -> dict:
             notes.append(f"{machine['threads']} threads on {cpus} busy CPUs: oversubscribed "
                          "threads slow both systems unevenly; compare with --threads 1")
     result = {
-        "benchmark": "decode",
-        "command": _command(args, lm.name),
-        "argv": sys.argv,
-        "date": started.isoformat(timespec="seconds"),
-        "duration_s": round((utc_now() - started).total_seconds(), 3),
-        "machine": machine,
-        "model": {
-            "name": lm.name,
-            "folder": str(lm.folder),
-            "parameters": sum(p.numel() for p in lm.model.parameters()),
-            "weights_sha256_16": _weights_digest(lm.folder),
-            "context": lm.context,
-        },
+        **run_header("decode", _command(args, lm.name), started, machine, lm),
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "setup": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -150,3 +151,32 @@ def print_spec_table(result: dict, json_path: Path | None = None, png_path: Path
         console.print(f"[dim]{plot_note}[/dim]")
     if json_path is not None:
         console.print(f"results: {json_path}" + (f", plot: {png_path}" if png_path else ""))
+
+
+def weights_digest(folder) -> str:
+    """First 16 hex digits of the sha256 of a checkpoint's safetensors files."""
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def run_header(benchmark: str, command: str, started, machine: dict, lm) -> dict:
+    """What every result JSON starts with: what ran, when, where, on which weights."""
+    return {
+        "benchmark": benchmark,
+        "command": command,
+        "argv": sys.argv,
+        "date": started.isoformat(timespec="seconds"),
+        "duration_s": round((utc_now() - started).total_seconds(), 3),
+        "machine": machine,
+        "model": {
+            "name": lm.name,
+            "folder": str(lm.folder),
+            "parameters": sum(p.numel() for p in lm.model.parameters()),
+            "weights_sha256_16": weights_digest(lm.folder),
+            "context": lm.context,
+        },
+    }

@@ -21,16 +21,22 @@ from __future__ import annotations
 
 import shlex
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tokenlean.bench.decode import _first_difference, _ratio, _weights_digest
+from tokenlean.bench.decode import _first_difference, _ratio
 from tokenlean.bench.decode import _median as _median_raw
-from tokenlean.bench.report import machine_info, print_spec_table, utc_now, write_json
+from tokenlean.bench.report import (
+    machine_info,
+    print_spec_table,
+    run_header,
+    utc_now,
+    weights_digest,
+    write_json,
+)
 from tokenlean.bench.tasks import FIXED_LENGTH, build_task, human_eval_file, parse_tasks
 from tokenlean.errors import UserError
 
@@ -301,20 +307,8 @@ def run_spec_bench(args) -> dict:
                      "the paper): warm-up, tasks and repeats run in order and all feed it")
     draft_folders = {str(s.draft_folder) for s in systems if s.draft_folder is not None}
     result = {
-        "benchmark": "spec",
-        "command": _command(args, lm.name),
-        "argv": sys.argv,
-        "date": started.isoformat(timespec="seconds"),
-        "duration_s": round((utc_now() - started).total_seconds(), 3),
-        "machine": machine,
-        "model": {
-            "name": lm.name,
-            "folder": str(lm.folder),
-            "parameters": sum(p.numel() for p in lm.model.parameters()),
-            "weights_sha256_16": _weights_digest(lm.folder),
-            "context": lm.context,
-        },
-        "draft_models": {f: _weights_digest(Path(f)) for f in sorted(draft_folders)},
+        **run_header("spec", _command(args, lm.name), started, machine, lm),
+        "draft_models": {f: weights_digest(Path(f)) for f in sorted(draft_folders)},
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "setup": {
