@@ -67,15 +67,6 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not fight a busy CPU for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize(model: torch.nn.Module, seed: int) -> None:
     """Random weights well above the default init (std 0.02), and non-trivial norms and biases.
 
