@@ -1,4 +1,4 @@
-"""`tokenlean generate | models | zoo | bench`."""
+"""`tokenlean generate | models | zoo | bench | serve`."""
 
 from __future__ import annotations
 
@@ -131,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--no-peers", action="store_true", help="skip transformers")
     bd.add_argument("--out", default="bench-results", help="folder for the JSON result")
 
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                        description="An OpenAI-compatible server (/v1/models, /v1/completions, "
+                        "/v1/chat/completions, /health, /metrics) for one model and one "
+                        "decoding method. Needs: pip install 'tokenlean[serve]'.")
+    add_model_args(sv)
+    add_method_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sv.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    sv.add_argument("--max-queue", type=_positive_int, default=64,
+                    help="requests that may wait for the model; more get 503 (default 64)")
+    sv.add_argument("--served-model-name", default=None,
+                    help="the model id clients send (default: the model's name)")
+    sv.add_argument("--threads", type=_positive_int, default=None,
+                    help="torch threads (default: torch's)")
+
     from tokenlean.bench.spec import DEFAULT_METHODS, DEFAULT_PEERS, DEFAULT_TASKS
 
     bs = bsub.add_parser("spec", help="speculative decoding, Spec-Bench style: tokenlean's "
@@ -252,6 +269,36 @@ def cmd_zoo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tokenlean.spec.registry import check_method, parse_method_args
+
+    check_method(args.method)  # bad options fail before the model loads
+    method_args = parse_method_args(args.method, args.method_arg)
+    if args.port > 65535:
+        raise UserError(f"--port must be <= 65535, got {args.port}")
+    try:
+        import uvicorn
+
+        from tokenlean.serve.app import create_app
+    except ImportError as e:
+        raise UserError(f"serving needs the serve extra ({e.name} is missing): "
+                        "pip install 'tokenlean[serve]'") from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from tokenlean.lm import load
+
+    lm = load(args.model, device=args.device, dtype=args.dtype)
+    lm.drafter(args.method, method_args)  # build the drafter now: its errors show at startup
+    app = create_app(lm, args.method, method_args, api_key=args.api_key,
+                     max_queue=args.max_queue, model_id=args.served_model_name)
+    print(f"tokenlean: serving {lm.name} (method {args.method}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.bench_command == "decode":
         from tokenlean.bench.decode import run_decode_bench
@@ -269,7 +316,8 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"generate": cmd_generate, "models": cmd_models, "zoo": cmd_zoo, "bench": cmd_bench}
+    commands = {"generate": cmd_generate, "models": cmd_models, "zoo": cmd_zoo, "bench": cmd_bench,
+                "serve": cmd_serve}
     if args.command is None:
         parser.print_help()
         return 2

@@ -1,0 +1,378 @@
+"""The FastAPI app: OpenAI-compatible endpoints, /health and Prometheus /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenlean.decode import check_prompt
+from tokenlean.errors import UserError
+from tokenlean.sampling import SamplingParams
+from tokenlean.serve.engine import Engine, Job, QueueFull
+from tokenlean.serve.schemas import (
+    CHAT_MAX_TOKENS,
+    COMPLETION_MAX_TOKENS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
+
+ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type, param, code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status)
+
+
+class Metrics:
+    """Prometheus metrics, named like vLLM's (prefix `tokenlean:`), in their own registry."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("tokenlean:requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.ttft = Histogram("tokenlean:time_to_first_token_seconds",
+                              "Arrival to first text delta", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("tokenlean:inter_token_latency_seconds",
+                             "Time between consecutive text deltas", buckets=LATENCY_BUCKETS,
+                             registry=r)
+        self.e2e = Histogram("tokenlean:e2e_request_latency_seconds",
+                             "Arrival to the end of the generation", buckets=LATENCY_BUCKETS,
+                             registry=r)
+        self.prompt_tokens = Counter("tokenlean:prompt_tokens", "Prompt tokens processed",
+                                     registry=r)
+        self.generation_tokens = Counter("tokenlean:generation_tokens", "Tokens generated",
+                                         registry=r)
+        self.cancelled = Counter("tokenlean:requests_cancelled",
+                                 "Generations stopped because the client went away", registry=r)
+        self.waiting = Gauge("tokenlean:num_requests_waiting", "Requests in the queue", registry=r)
+        self.drafts = Counter("tokenlean:spec_decode_num_drafts",
+                              "Speculative steps that drafted at least one token", registry=r)
+        self.draft_tokens = Counter("tokenlean:spec_decode_num_draft_tokens",
+                                    "Draft tokens proposed", registry=r)
+        self.accepted_tokens = Counter("tokenlean:spec_decode_num_accepted_tokens",
+                                       "Draft tokens accepted", registry=r)
+        self.accepted_per_pos = Counter("tokenlean:spec_decode_num_accepted_tokens_per_pos",
+                                        "Steps that accepted a draft token at this position",
+                                        ["position"], registry=r)
+
+    def observe_result(self, result, e2e_s: float) -> None:
+        self.e2e.observe(e2e_s)
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.generation_tokens.inc(result.completion_tokens)
+        stats = result.stats or {}
+        if "drafts" in stats:
+            self.drafts.inc(stats.get("drafts", 0))
+            self.draft_tokens.inc(stats.get("drafted_tokens", 0))
+            self.accepted_tokens.inc(stats.get("accepted_tokens", 0))
+            for pos, n in enumerate(stats.get("accepted_at_depth") or []):
+                self.accepted_per_pos.labels(position=str(pos)).inc(n)
+
+
+def served_name(name: str) -> str:
+    """The model id clients send: a zoo name as is, a checkpoint folder by its last part."""
+    return Path(name).name if ("/" in name or Path(name).exists()) else name
+
+
+def create_app(lm, method: str = "greedy", method_args: dict | None = None,
+               api_key: str | None = None, max_queue: int = 64,
+               model_id: str | None = None) -> FastAPI:
+    metrics = Metrics()
+    engine = Engine(lm, method, method_args, max_queue=max_queue, metrics=metrics)
+    model_id = model_id or served_name(lm.name)
+    accepted_names = {model_id, lm.name, str(lm.folder)}
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="tokenlean", lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    # ---- errors: always OpenAI's shape, never a 5xx for bad input ----
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        message = first.get("msg", "invalid request")
+        if not loc:
+            message = f"the request body must be a JSON object ({message})"
+        param = loc[0] if loc else None
+        where = ".".join(loc)
+        return error_response(400, f"{where}: {message}" if where else message, param=param,
+                              code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(UserError)
+    async def _user(request: Request, exc: UserError):
+        return error_response(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    app.add_middleware(AuthAndCount, api_key=api_key, metrics=metrics)
+
+    # ---- endpoints ----
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, "waiting": engine.waiting,
+                "busy": engine.busy}
+
+    @app.get("/metrics")
+    async def prometheus():
+        metrics.waiting.set(engine.waiting)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": model_id, "object": "model", "created": created, "owned_by": "tokenlean",
+            "max_model_len": lm.context, "method": method}]}
+
+    def check_common(body: SamplingFields) -> SamplingParams:
+        if body.model is not None and body.model not in accepted_names:
+            raise ApiError(404, f"The model `{body.model}` does not exist; this server serves "
+                           f"`{model_id}`", param="model", code="model_not_found")
+        if body.n != 1:
+            raise ApiError(400, f"n={body.n} is not supported: tokenlean returns one choice "
+                           "per request (n=1)", param="n", code="unsupported_value")
+        if body.stop is not None and len(body.stop_list()) > 16:
+            raise ApiError(400, "at most 16 stop sequences", param="stop")
+        try:
+            return SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_k=max(body.top_k or 0, 0),
+                top_p=1.0 if body.top_p is None else body.top_p,
+                seed=body.seed)
+        except UserError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+
+    def make_job(prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
+                 stop: list[str], param: str) -> Job:
+        try:
+            check_prompt(prompt_ids, lm.context, max_tokens)
+        except UserError as e:
+            raise ApiError(400, str(e), param=param,
+                           code="context_length_exceeded" if prompt_ids else "invalid_value"
+                           ) from None
+        if any(t < 0 or t >= lm.model.config.vocab_size for t in prompt_ids):
+            raise ApiError(400, "prompt token ids must be in [0, vocab size)", param=param)
+        job = Job(prompt_ids, max_tokens, sampling, stop, asyncio.get_running_loop())
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise ApiError(503, str(e), "server_error", code="queue_full") from None
+        return job
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        sampling = check_common(body)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "one prompt per request (a list of one string is accepted)",
+                               param="prompt", code="unsupported_value")
+            prompt = prompt[0]
+        ids = lm.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
+        job = make_job(ids, max_tokens, sampling, body.stop_list(), "prompt")
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str, finish: str | None) -> dict:
+            return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
+                    "choices": [{"index": 0, "text": text, "logprobs": None,
+                                 "finish_reason": finish}]}
+
+        if body.stream:
+            return _sse(job, body.include_usage, lambda d: chunk(d, None),
+                        lambda r: chunk("", r.finish_reason),
+                        {"id": rid, "object": "text_completion", "created": now,
+                         "model": model_id, "choices": []})
+        result = await _collect(job)
+        out = chunk(result.text, result.finish_reason)
+        out["usage"] = _usage(result)
+        return out
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        sampling = check_common(body)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = lm.tokenizer.apply_chat_template(messages)
+        except UserError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        ids = lm.encode(prompt)
+        max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
+        job = make_job(ids, max_tokens, sampling, body.stop_list(), "messages")
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id}
+        first = [True]
+
+        def delta_chunk(text: str) -> dict:
+            delta = {"content": text}
+            if first[0]:
+                delta["role"], first[0] = "assistant", False
+            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": None}]}
+
+        def final_chunk(result) -> dict:
+            delta = {"role": "assistant", "content": ""} if first[0] else {}
+            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": result.finish_reason}]}
+
+        if body.stream:
+            return _sse(job, body.include_usage, delta_chunk, final_chunk, {**base, "choices": []})
+        result = await _collect(job)
+        return {"id": rid, "object": "chat.completion", "created": now, "model": model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                             "logprobs": None, "finish_reason": result.finish_reason}],
+                "usage": _usage(result)}
+
+    return app
+
+
+class AuthAndCount:
+    """Pure ASGI middleware (streaming and disconnects pass through untouched): checks the
+    Bearer key on /v1/* when one is set, and counts responses by endpoint and status."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        status = [500]
+        try:
+            if self.api_key is not None and path.startswith("/v1/"):
+                header = dict(scope.get("headers") or []).get(b"authorization", b"")
+                scheme, _, token = header.decode("latin-1").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                        token.strip().encode("latin-1"), self.api_key.encode()):
+                    status[0] = 401
+                    response = error_response(401, "invalid or missing API key "
+                                              "(Authorization: Bearer KEY)",
+                                              code="invalid_api_key")
+                    return await response(scope, receive, send)
+
+            async def send_status(message):
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(_endpoint(path), str(status[0])).inc()
+
+
+def _endpoint(path: str) -> str:
+    return path if path in ENDPOINTS else "other"
+
+
+def _usage(result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _raise_job_error(exc: Exception):
+    if isinstance(exc, UserError):
+        raise ApiError(400, str(exc))
+    raise ApiError(500, f"generation failed: {type(exc).__name__}", "server_error")
+
+
+async def _collect(job: Job):
+    try:
+        while True:
+            kind, value = await job.out.get()
+            if kind == "done":
+                return value
+            if kind == "error":
+                _raise_job_error(value)
+    finally:
+        job.cancel()  # a no-op once done; stops the generation if the client went away
+
+
+def _sse(job: Job, include_usage: bool, on_delta, on_final, usage_base: dict):
+    def line(obj: dict) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def events():
+        try:
+            while True:
+                kind, value = await job.out.get()
+                if kind == "delta":
+                    if value:
+                        chunk = on_delta(value)
+                        if include_usage:
+                            chunk["usage"] = None
+                        yield line(chunk)
+                elif kind == "done":
+                    chunk = on_final(value)
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield line(chunk)
+                    if include_usage:
+                        yield line({**usage_base, "usage": _usage(value)})
+                    break
+                else:
+                    status = 400 if isinstance(value, UserError) else 500
+                    yield line(error_body(str(value) if status == 400 else
+                                          f"generation failed: {type(value).__name__}",
+                                          "invalid_request_error" if status == 400
+                                          else "server_error"))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # client disconnected (or finished): the worker stops between tokens
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,121 @@
+"""One worker thread owns the model and runs queued requests one at a time.
+
+Plain decoding requests are not batched in this first version: each request
+runs alone, so its output is exactly what `tokenlean generate` gives offline.
+Deltas go back to the request's event loop through `call_soon_threadsafe`
+(a thread-safe hand-off into an asyncio.Queue); a cancellation flag, checked
+after every emitted delta, stops the generation of a client that went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tokenlean.errors import UserError
+from tokenlean.sampling import SamplingParams
+
+log = logging.getLogger("tokenlean.serve")
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrival: float = field(default_factory=time.perf_counter)
+
+    def send(self, kind: str, value) -> None:
+        """From the worker thread: ("delta", str) | ("done", GenerationResult) | ("error", exc)."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed (server shutting down)
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Engine:
+    def __init__(self, lm, method: str = "greedy", method_args: dict | None = None,
+                 max_queue: int = 64, metrics=None):
+        self.lm, self.method, self.method_args = lm, method, method_args or {}
+        self.metrics = metrics
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.busy = False
+        self.thread = threading.Thread(target=self._run, name="tokenlean-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        try:
+            self.jobs.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self.thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"the request queue is full ({self.jobs.maxsize} waiting); "
+                            "retry later") from None
+
+    @property
+    def waiting(self) -> int:
+        return self.jobs.qsize()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                continue
+            self.busy = True
+            try:
+                self._generate(job)
+            except UserError as e:
+                job.send("error", e)
+            except Exception as e:  # never let one request kill the worker
+                log.exception("generation failed")
+                job.send("error", e)
+            finally:
+                self.busy = False
+
+    def _generate(self, job: Job) -> None:
+        generation = self.lm.stream(job.prompt_ids, job.max_tokens, job.sampling, stop=job.stop,
+                                    method=self.method, method_args=self.method_args)
+        steps = iter(generation)
+        last = None
+        for delta in steps:
+            now = time.perf_counter()
+            if self.metrics:
+                if last is None:
+                    self.metrics.ttft.observe(now - job.arrival)
+                else:
+                    self.metrics.itl.observe(now - last)
+            last = now
+            job.send("delta", delta)
+            if job.cancelled.is_set():
+                steps.close()  # GeneratorExit inside the decode loop: it stops there
+                if self.metrics:
+                    self.metrics.cancelled.inc()
+                return
+        result = generation.result
+        if self.metrics:
+            self.metrics.observe_result(result, time.perf_counter() - job.arrival)
+        job.send("done", result)

@@ -1,0 +1,313 @@
+"""`tokenlean serve` end to end: real server processes on loopback, the official openai client."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+KEY = "test-key"
+PROMPTS = [
+    "def add(a, b):\n",
+    "class Point:\n",
+    "for i in range(10):\n",
+    "import os\n",
+    "# café\n",
+    "while True:\n",
+    "def f(x):\n    return",
+    "emoji: 🙂",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(model_dir, tmp_path, *extra):
+    port = _free_port()
+    log = open(tmp_path / f"server-{port}.log", "w+")
+    cmd = [sys.executable, "-m", "tokenlean.cli", "serve", "--model", str(model_dir),
+           "--port", str(port), "--threads", "1", *extra]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base, log
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("server did not answer /health within 60 s")
+
+
+def _stop(proc, log):
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    proc, base, log = _start(tiny_model_dir, tmp_path_factory.mktemp("serve"))
+    yield base
+    _stop(proc, log)
+
+
+@pytest.fixture(scope="module")
+def pld_server(tiny_model_dir, tmp_path_factory):
+    proc, base, log = _start(tiny_model_dir, tmp_path_factory.mktemp("serve-pld"),
+                             "--method", "pld", "--api-key", KEY)
+    yield base
+    _stop(proc, log)
+
+
+def _client(base, key="any", **kw):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, timeout=30, max_retries=0, **kw)
+
+
+def _model(tiny_model_dir) -> str:
+    return tiny_model_dir.name
+
+
+def test_models_and_health(server, tiny_model_dir):
+    models = _client(server).models.list()
+    assert [m.id for m in models.data] == [_model(tiny_model_dir)]
+    assert httpx.get(f"{server}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_completion_equals_offline(server, tiny_model_dir, tiny_lm):
+    prompt = PROMPTS[0]
+    out = _client(server).completions.create(model=_model(tiny_model_dir), prompt=prompt,
+                                             max_tokens=24, temperature=0)
+    offline = tiny_lm.generate(prompt, max_new_tokens=24)
+    assert out.choices[0].text == offline.text
+    assert out.choices[0].finish_reason == offline.finish_reason
+    assert out.usage.prompt_tokens == offline.prompt_tokens
+    assert out.usage.completion_tokens == offline.completion_tokens
+    assert out.usage.total_tokens == offline.prompt_tokens + offline.completion_tokens
+
+
+def test_chat_completion(server, tiny_model_dir, tiny_lm):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    out = _client(server).chat.completions.create(model=_model(tiny_model_dir),
+                                                  messages=messages, max_tokens=12,
+                                                  temperature=0, stop=["\n\n"])
+    prompt = tiny_lm.tokenizer.apply_chat_template(messages)
+    offline = tiny_lm.generate(prompt, max_new_tokens=12, stop=["\n\n"])
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == offline.text
+    assert out.usage.completion_tokens == offline.completion_tokens
+
+
+def test_streaming_with_usage(server, tiny_model_dir, tiny_lm):
+    client = _client(server)
+    stream = client.chat.completions.create(
+        model=_model(tiny_model_dir), messages=[{"role": "user", "content": "count"}],
+        max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length") and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    prompt = tiny_lm.tokenizer.apply_chat_template([{"role": "user", "content": "count"}])
+    assert text == tiny_lm.generate(prompt, max_new_tokens=10).text
+
+    stream = client.completions.create(model=_model(tiny_model_dir), prompt=PROMPTS[1],
+                                       max_tokens=10, temperature=0, stream=True)
+    text = "".join(c.choices[0].text for c in stream)
+    assert text == tiny_lm.generate(PROMPTS[1], max_new_tokens=10).text
+
+
+def test_raw_sse_format(server):
+    body = {"prompt": PROMPTS[2], "max_tokens": 4, "temperature": 0, "stream": True}
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = r.text.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for e in events[:-2]:
+        assert e.startswith("data: ") and json.loads(e[6:])["object"] == "text_completion"
+
+
+def _error(exc_info, status):
+    err = exc_info.value
+    assert err.status_code == status
+    body = err.response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def test_errors_in_openai_shape(server, tiny_model_dir):
+    client, model = _client(server), _model(tiny_model_dir)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="x", temperature=-1)
+    assert _error(e, 400)["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="x", top_p=0)
+    _error(e, 400)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="x")
+    assert _error(e, 404)["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="x " * 400)
+    assert "context" in _error(e, 400)["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                       n=2)
+    assert _error(e, 400)["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="")
+    _error(e, 400)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="x", max_tokens=0)
+    _error(e, 400)
+    for raw in (b"{bad json", b"[]", b'{"prompt": 5}', b'{"messages": []}'):
+        path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+        r = httpx.post(f"{server}{path}", content=raw, timeout=10,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400, (raw, r.text)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(f"{server}/v1/nothing-here", timeout=10)
+    assert r.status_code == 404 and "error" in r.json()
+    assert httpx.get(f"{server}/health", timeout=5).status_code == 200  # still up
+
+
+def test_concurrent_streams_equal_offline(server, tiny_model_dir, tiny_lm):
+    client, model = _client(server), _model(tiny_model_dir)
+
+    def one(prompt):
+        stream = client.completions.create(model=model, prompt=prompt, max_tokens=16,
+                                           temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in stream)
+
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(one, PROMPTS, timeout=60))
+    for prompt, text in zip(PROMPTS, texts):
+        assert text == tiny_lm.generate(prompt, max_new_tokens=16).text
+
+
+def test_api_key(pld_server, tiny_model_dir):
+    with pytest.raises(openai.AuthenticationError) as e:
+        _client(pld_server, key="wrong").models.list()
+    assert _error(e, 401)["code"] == "invalid_api_key"
+    r = httpx.get(f"{pld_server}/v1/models", timeout=5)  # no Authorization header at all
+    assert r.status_code == 401 and r.json()["error"]["type"]
+    assert _client(pld_server, key=KEY).models.list().data[0].id == _model(tiny_model_dir)
+    assert httpx.get(f"{pld_server}/health", timeout=5).status_code == 200  # open
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} missing from /metrics"
+    return float(m.group(1))
+
+
+def test_metrics_with_pld(pld_server, tiny_model_dir, tiny_lm):
+    prompt = "def add(a, b):\n    return a + b\n" * 3
+    out = _client(pld_server, key=KEY).completions.create(
+        model=_model(tiny_model_dir), prompt=prompt, max_tokens=24, temperature=0)
+    offline = tiny_lm.generate(prompt, max_new_tokens=24, method="pld")
+    assert offline.stats["drafts"] > 0
+    assert out.choices[0].text == offline.text
+    text = httpx.get(f"{pld_server}/metrics", timeout=5).text
+    assert _metric(text, "tokenlean:spec_decode_num_drafts_total") == offline.stats["drafts"]
+    assert (_metric(text, "tokenlean:spec_decode_num_draft_tokens_total")
+            == offline.stats["drafted_tokens"])
+    assert (_metric(text, "tokenlean:spec_decode_num_accepted_tokens_total")
+            == offline.stats["accepted_tokens"])
+    assert _metric(text, "tokenlean:e2e_request_latency_seconds_count") == 1
+    assert _metric(text, "tokenlean:time_to_first_token_seconds_count") >= 0
+    assert 'tokenlean:requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
+
+
+def test_serve_cli_checks_method_before_loading(capsys):
+    from tokenlean.cli import main
+
+    assert main(["serve", "--model", "no-such-model", "--method", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["serve", "--model", "no-such-model", "--method", "pld",
+                 "--method-arg", "bogus=1"]) == 2
+    assert "unknown option 'bogus'" in capsys.readouterr().err
+
+
+class _SlowLM:
+    """Stands in for LM.stream: one "x" per 10 ms, so queueing and cancelling are observable."""
+
+    def __init__(self):
+        self.stopped_early = []
+
+    def stream(self, ids, max_tokens, sampling, stop=(), method="greedy", method_args=None):
+        from tokenlean.decode import Generation, GenerationResult
+
+        def steps():
+            n = 0
+            try:
+                while n < max_tokens:
+                    time.sleep(0.01)
+                    n += 1
+                    yield "x"
+            except GeneratorExit:
+                self.stopped_early.append(n)
+                raise
+            return GenerationResult("x" * n, [0] * n, len(ids), n, "length")
+
+        return Generation(steps())
+
+
+def test_engine_queue_full_and_cancel():
+    import asyncio
+
+    from tokenlean.sampling import SamplingParams
+    from tokenlean.serve.engine import Engine, Job, QueueFull
+
+    lm = _SlowLM()
+    engine = Engine(lm, max_queue=1)
+    engine.start()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        a = Job([1], 200, SamplingParams(), [], loop)
+        b = Job([1], 3, SamplingParams(), [], loop)
+        engine.submit(a)
+        assert await asyncio.wait_for(a.out.get(), 5) == ("delta", "x")  # a is running
+        engine.submit(b)  # b waits: the queue holds one
+        with pytest.raises(QueueFull):
+            engine.submit(Job([1], 3, SamplingParams(), [], loop))
+        a.cancel()  # as a disconnected client does
+        kind, result = None, None
+        while kind != "done":
+            kind, result = await asyncio.wait_for(b.out.get(), 5)
+        assert result.text == "xxx"
+        kinds = []
+        while not a.out.empty():
+            kinds.append(a.out.get_nowait()[0])
+        assert "done" not in kinds
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()
+    assert lm.stopped_early and lm.stopped_early[0] < 200
