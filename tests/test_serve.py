@@ -203,9 +203,12 @@ def test_concurrent_streams_equal_offline(server, tiny_model_dir, tiny_lm):
                                            temperature=0, stream=True)
         return "".join(c.choices[0].text for c in stream)
 
-    with ThreadPoolExecutor(8) as pool:
-        texts = list(pool.map(one, PROMPTS, timeout=60))
-    for prompt, text in zip(PROMPTS, texts):
+    # 32 clients at once, each with its own prompt: every response completes, none is
+    # mixed with another, and each equals its offline result
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]}# case {i}\n" for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        texts = list(pool.map(one, prompts, timeout=120))
+    for prompt, text in zip(prompts, texts):
         assert text == tiny_lm.generate(prompt, max_new_tokens=16).text
 
 
