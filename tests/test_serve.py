@@ -11,6 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -314,3 +316,49 @@ def test_engine_queue_full_and_cancel():
     finally:
         engine.stop()
     assert lm.stopped_early and lm.stopped_early[0] < 200
+
+
+# --- property-based fuzzing of the request schema: no input gets a 5xx ---
+
+ANY = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**12, 10**12),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+    st.lists(st.one_of(st.integers(-5, 10**6), st.text(max_size=5)), max_size=4),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "x"]),
+                                 "content": st.one_of(st.text(max_size=30), ANY)})
+COMMON = {"model": ANY, "max_tokens": ANY, "temperature": ANY,
+          "top_p": ANY, "top_k": ANY, "seed": ANY, "stop": ANY, "n": ANY, "stream": ANY,
+          "stream_options": ANY}
+COMPLETION = st.fixed_dictionaries({}, optional={"prompt": st.one_of(st.text(max_size=40), ANY),
+                                                 **COMMON})
+CHAT = st.fixed_dictionaries({}, optional={"messages": st.one_of(st.lists(MESSAGE, max_size=3), ANY),
+                                           **COMMON})
+
+
+def _post(url: str, body: dict) -> httpx.Response:
+    # json.dumps writes NaN / Infinity as Python does: the server must refuse them cleanly
+    return httpx.post(url, content=json.dumps(body), timeout=30,
+                      headers={"content-type": "application/json"})
+
+
+def _check(response: httpx.Response) -> None:
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(body=COMPLETION)
+def test_fuzzed_completions_never_5xx(server, body):
+    _check(_post(f"{server}/v1/completions", body))
+
+
+@FUZZ
+@given(body=CHAT)
+def test_fuzzed_chat_never_5xx(server, body):
+    _check(_post(f"{server}/v1/chat/completions", body))
