@@ -104,12 +104,14 @@ class TokenRecycling(Drafter):
         seen: set[tuple[int, int]] = set()  # (tree parent, token): no duplicate siblings
         root = self.root = history[-1]  # observe() refreshes its row too
         for parent, rank in self.template:
-            tree_parent = -1 if parent < 0 else placed[parent]
-            depth = 1 if parent < 0 else (depth_of[tree_parent] + 1 if tree_parent >= 0 else 0)
-            source = root if parent < 0 else (tokens[tree_parent] if tree_parent >= 0 else -1)
-            token = int(self.matrix[source, rank]) if source >= 0 else -1
-            if token < 0 or depth > max_depth or (tree_parent, token) in seen or \
-                    (parent >= 0 and tree_parent < 0):
+            tree_parent = placed[parent] if parent >= 0 else -1
+            if parent >= 0 and tree_parent < 0:  # its parent was pruned
+                placed.append(-1)
+                continue
+            source = tokens[tree_parent] if tree_parent >= 0 else root
+            depth = depth_of[tree_parent] + 1 if tree_parent >= 0 else 1
+            token = int(self.matrix[source, rank])
+            if token < 0 or depth > max_depth or (tree_parent, token) in seen:
                 placed.append(-1)
                 continue
             seen.add((tree_parent, token))
