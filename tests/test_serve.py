@@ -362,3 +362,75 @@ def test_fuzzed_completions_never_5xx(server, body):
 @given(body=CHAT)
 def test_fuzzed_chat_never_5xx(server, body):
     _check(_post(f"{server}/v1/chat/completions", body))
+
+
+# --- the request timeout: a request still generating at its deadline is cancelled ---
+
+def test_engine_request_timeout_cancels():
+    import asyncio
+
+    from tokenlean.sampling import SamplingParams
+    from tokenlean.serve.engine import Engine, Job, RequestTimeout
+
+    lm = _SlowLM()
+    engine = Engine(lm, max_queue=2)
+    engine.start()
+
+    async def main():
+        job = Job([1], 500, SamplingParams(), [], asyncio.get_running_loop(), timeout=0.05)
+        engine.submit(job)
+        kinds = []
+        while True:
+            kind, value = await asyncio.wait_for(job.out.get(), 5)
+            kinds.append(kind)
+            if kind != "delta":
+                return kinds, value
+
+    try:
+        kinds, value = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert kinds[-1] == "error" and isinstance(value, RequestTimeout)
+    assert "timeout" in str(value)
+    assert lm.stopped_early and lm.stopped_early[0] < 500
+
+
+class _SlowServedLM(_SlowLM):
+    """Enough of an LM for create_app: names, context, a tokenizer, and the slow stream."""
+
+    name, folder, context = "slow", "slow", 4096
+
+    class model:  # noqa: N801 - stands in for lm.model.config.vocab_size
+        class config:  # noqa: N801
+            vocab_size = 1000
+
+    def encode(self, text):
+        return [1] * max(len(text), 1)
+
+
+def test_server_request_timeout():
+    from starlette.testclient import TestClient
+
+    from tokenlean.serve.app import create_app
+
+    lm = _SlowServedLM()
+    app = create_app(lm, request_timeout=0.05)
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 500})
+        assert r.status_code == 504, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "timeout"
+
+        body = {"prompt": "hi", "max_tokens": 500, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            events = [e for e in r.read().decode().split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][6:])["error"]["type"] == "timeout"
+        assert all("error" not in json.loads(e[6:]) for e in events[:-2])
+
+        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "xx"
+        metrics = client.get("/metrics").text
+        assert _metric(metrics, "tokenlean:requests_timed_out_total") == 2
+    assert len(lm.stopped_early) >= 2 and max(lm.stopped_early) < 500

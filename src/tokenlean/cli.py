@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
     sv.add_argument("--max-queue", type=_positive_int, default=64,
                     help="requests that may wait for the model; more get 503 (default 64)")
+    sv.add_argument("--request-timeout", type=_float_in(0, 1e9), default=300.0,
+                    metavar="SECONDS",
+                    help="a request still waiting or generating this long after it arrived is "
+                         "cancelled and answered with a 504 timeout error (default 300; "
+                         "0 = no limit)")
     sv.add_argument("--served-model-name", default=None,
                     help="the model id clients send (default: the model's name)")
     sv.add_argument("--threads", type=_positive_int, default=None,
@@ -175,6 +180,35 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--prompt-lookup-num-tokens", type=_positive_int, default=10,
                     help="hf-pld's prompt_lookup_num_tokens (default 10)")
     bs.add_argument("--out", default="bench-results", help="folder for the JSON result and PNG")
+
+    bv = bsub.add_parser("serve", help="load-test an OpenAI-compatible server, vllm bench serve "
+                         "style: throughput, TTFT / ITL / E2E, speculative decoding",
+                         description="Streaming greedy completions of held-out code prompts "
+                         "against a server (its own `tokenlean serve` on a free loopback port "
+                         "unless --base-url is given): request and output throughput, TTFT, "
+                         "TPOT, ITL and E2E mean / median / p99, and the acceptance figures "
+                         "from the server's /metrics.")
+    add_model_args(bv)
+    add_method_args(bv)
+    bv.add_argument("--base-url", default=None,
+                    help="an already running server, e.g. http://127.0.0.1:8000 (default: "
+                         "start one for --model/--method and stop it at the end); --model "
+                         "must then name its model, whose tokenizer cuts the prompts")
+    bv.add_argument("--api-key", default=None, help="Bearer key for --base-url, if it needs one")
+    bv.add_argument("--num-prompts", type=_positive_int, default=32,
+                    help="requests to send (default 32)")
+    bv.add_argument("--max-concurrency", type=_positive_int, default=8,
+                    help="most requests in flight at once (default 8)")
+    bv.add_argument("--request-rate", type=float, default=float("inf"),
+                    help="requests/s, Poisson arrivals with a fixed seed (default inf: all at "
+                         "once, capped by --max-concurrency)")
+    bv.add_argument("--prompt-tokens", type=_positive_int, default=256,
+                    help="tokens per prompt (default 256)")
+    bv.add_argument("--max-tokens", type=_positive_int, default=128,
+                    help="max_tokens per request (default 128)")
+    bv.add_argument("--threads", type=_positive_int, default=None,
+                    help="torch threads of the server started here (default: torch's)")
+    bv.add_argument("--out", default="bench-results", help="folder for the JSON result")
     return parser
 
 
@@ -292,7 +326,8 @@ def cmd_serve(args) -> int:
     lm = load(args.model, device=args.device, dtype=args.dtype)
     lm.drafter(args.method, method_args)  # build the drafter now: its errors show at startup
     app = create_app(lm, args.method, method_args, api_key=args.api_key,
-                     max_queue=args.max_queue, model_id=args.served_model_name)
+                     max_queue=args.max_queue, model_id=args.served_model_name,
+                     request_timeout=args.request_timeout or None)
     print(f"tokenlean: serving {lm.name} (method {args.method}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -308,8 +343,13 @@ def cmd_bench(args) -> int:
         from tokenlean.bench.spec import run_spec_bench
 
         run_spec_bench(args)
+    elif args.bench_command == "serve":
+        from tokenlean.bench.serve import run_serve_bench
+
+        run_serve_bench(args)
     else:
-        raise UserError("bench needs a command: decode or spec (see tokenlean bench --help)")
+        raise UserError("bench needs a command: decode, spec or serve "
+                        "(see tokenlean bench --help)")
     return 0
 
 

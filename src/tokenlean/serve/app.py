@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenlean.decode import check_prompt
 from tokenlean.errors import UserError
 from tokenlean.sampling import SamplingParams
-from tokenlean.serve.engine import Engine, Job, QueueFull
+from tokenlean.serve.engine import Engine, Job, QueueFull, RequestTimeout
 from tokenlean.serve.schemas import (
     CHAT_MAX_TOKENS,
     COMPLETION_MAX_TOKENS,
@@ -79,6 +79,8 @@ class Metrics:
                                          registry=r)
         self.cancelled = Counter("tokenlean:requests_cancelled",
                                  "Generations stopped because the client went away", registry=r)
+        self.timed_out = Counter("tokenlean:requests_timed_out",
+                                 "Requests stopped by the server's request timeout", registry=r)
         self.waiting = Gauge("tokenlean:num_requests_waiting", "Requests in the queue", registry=r)
         self.drafts = Counter("tokenlean:spec_decode_num_drafts",
                               "Speculative steps that drafted at least one token", registry=r)
@@ -110,12 +112,16 @@ def served_name(name: str) -> str:
 
 def create_app(lm, method: str = "greedy", method_args: dict | None = None,
                api_key: str | None = None, max_queue: int = 64,
-               model_id: str | None = None) -> FastAPI:
+               model_id: str | None = None, request_timeout: float | None = 300.0) -> FastAPI:
+    """`request_timeout`: seconds from arrival after which a request still waiting or
+    generating is cancelled and answered with a 504 `timeout` error (None or <= 0: no limit)."""
     metrics = Metrics()
     engine = Engine(lm, method, method_args, max_queue=max_queue, metrics=metrics)
     model_id = model_id or served_name(lm.name)
     accepted_names = {model_id, lm.name, str(lm.folder)}
     created = int(time.time())
+    if request_timeout is not None and request_timeout <= 0:
+        request_timeout = None
 
     @asynccontextmanager
     async def lifespan(app):
@@ -206,7 +212,8 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None,
                            ) from None
         if any(t < 0 or t >= lm.model.config.vocab_size for t in prompt_ids):
             raise ApiError(400, "prompt token ids must be in [0, vocab size)", param=param)
-        job = Job(prompt_ids, max_tokens, sampling, stop, asyncio.get_running_loop())
+        job = Job(prompt_ids, max_tokens, sampling, stop, asyncio.get_running_loop(),
+                  timeout=request_timeout)
         try:
             engine.submit(job)
         except QueueFull as e:
@@ -233,11 +240,11 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None,
                                  "finish_reason": finish}]}
 
         if body.stream:
-            return _sse(job, body.include_usage, lambda d: chunk(d, None),
+            return _sse(job, metrics, body.include_usage, lambda d: chunk(d, None),
                         lambda r: chunk("", r.finish_reason),
                         {"id": rid, "object": "text_completion", "created": now,
                          "model": model_id, "choices": []})
-        result = await _collect(job)
+        result = await _collect(job, metrics)
         out = chunk(result.text, result.finish_reason)
         out["usage"] = _usage(result)
         return out
@@ -270,8 +277,9 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None,
                                          "finish_reason": result.finish_reason}]}
 
         if body.stream:
-            return _sse(job, body.include_usage, delta_chunk, final_chunk, {**base, "choices": []})
-        result = await _collect(job)
+            return _sse(job, metrics, body.include_usage, delta_chunk, final_chunk,
+                        {**base, "choices": []})
+        result = await _collect(job, metrics)
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "logprobs": None, "finish_reason": result.finish_reason}],
@@ -323,16 +331,45 @@ def _usage(result) -> dict:
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
+TIMEOUT_STATUS = 504
+
+
+def _timeout_body(job: Job) -> dict:
+    return error_body(str(job.timeout_error()), "timeout", None, "request_timeout")
+
+
+async def _next_event(job: Job, metrics: Metrics):
+    """The job's next (kind, value); a RequestTimeout error once its deadline has passed
+    (the job is cancelled: the worker stops at its next token). Counted once in metrics."""
+    deadline = job.deadline
+    try:
+        if deadline is None:
+            kind, value = await job.out.get()
+        else:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            kind, value = await asyncio.wait_for(job.out.get(), remaining)
+    except asyncio.TimeoutError:
+        kind, value = "error", job.timeout_error()
+    if kind == "error" and isinstance(value, RequestTimeout):
+        job.cancel()
+        metrics.timed_out.inc()
+    return kind, value
+
+
 def _raise_job_error(exc: Exception):
+    if isinstance(exc, RequestTimeout):
+        raise ApiError(TIMEOUT_STATUS, str(exc), "timeout", code="request_timeout")
     if isinstance(exc, UserError):
         raise ApiError(400, str(exc))
     raise ApiError(500, f"generation failed: {type(exc).__name__}", "server_error")
 
 
-async def _collect(job: Job):
+async def _collect(job: Job, metrics: Metrics):
     try:
         while True:
-            kind, value = await job.out.get()
+            kind, value = await _next_event(job, metrics)
             if kind == "done":
                 return value
             if kind == "error":
@@ -341,14 +378,14 @@ async def _collect(job: Job):
         job.cancel()  # a no-op once done; stops the generation if the client went away
 
 
-def _sse(job: Job, include_usage: bool, on_delta, on_final, usage_base: dict):
+def _sse(job: Job, metrics: Metrics, include_usage: bool, on_delta, on_final, usage_base: dict):
     def line(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     async def events():
         try:
             while True:
-                kind, value = await job.out.get()
+                kind, value = await _next_event(job, metrics)
                 if kind == "delta":
                     if value:
                         chunk = on_delta(value)
@@ -362,6 +399,9 @@ def _sse(job: Job, include_usage: bool, on_delta, on_final, usage_base: dict):
                     yield line(chunk)
                     if include_usage:
                         yield line({**usage_base, "usage": _usage(value)})
+                    break
+                elif isinstance(value, RequestTimeout):
+                    yield line(_timeout_body(job))
                     break
                 else:
                     status = 400 if isinstance(value, UserError) else 500

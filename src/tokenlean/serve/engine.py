@@ -4,7 +4,8 @@ Plain decoding requests are not batched in this first version: each request
 runs alone, so its output is exactly what `tokenlean generate` gives offline.
 Deltas go back to the request's event loop through `call_soon_threadsafe`
 (a thread-safe hand-off into an asyncio.Queue); a cancellation flag, checked
-after every emitted delta, stops the generation of a client that went away.
+after every emitted delta, stops the generation of a client that went away, and
+a per-request deadline (`--request-timeout`, from arrival) stops one that runs too long.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class QueueFull(Exception):
     pass
 
 
+class RequestTimeout(Exception):
+    """The request ran past the server's --request-timeout; its generation was stopped."""
+
+
 @dataclass
 class Job:
     prompt_ids: list[int]
@@ -36,6 +41,19 @@ class Job:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.perf_counter)
+    timeout: float | None = None  # seconds from arrival; None = no limit
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.arrival + self.timeout
+
+    def expired(self, now: float | None = None) -> bool:
+        deadline = self.deadline
+        return deadline is not None and (now or time.perf_counter()) >= deadline
+
+    def timeout_error(self) -> RequestTimeout:
+        return RequestTimeout(f"the request did not finish within the server's request "
+                              f"timeout ({self.timeout:g} s); its generation was stopped")
 
     def send(self, kind: str, value) -> None:
         """From the worker thread: ("delta", str) | ("done", GenerationResult) | ("error", exc)."""
@@ -85,6 +103,9 @@ class Engine:
                 return
             if job.cancelled.is_set():
                 continue
+            if job.expired():  # waited in the queue past its deadline
+                self._timed_out(job)
+                continue
             self.busy = True
             try:
                 self._generate(job)
@@ -95,6 +116,10 @@ class Engine:
                 job.send("error", e)
             finally:
                 self.busy = False
+
+    def _timed_out(self, job: Job) -> None:
+        job.cancel()
+        job.send("error", job.timeout_error())  # the app counts it (once) in its metrics
 
     def _generate(self, job: Job) -> None:
         generation = self.lm.stream(job.prompt_ids, job.max_tokens, job.sampling, stop=job.stop,
@@ -110,6 +135,10 @@ class Engine:
                     self.metrics.itl.observe(now - last)
             last = now
             job.send("delta", delta)
+            if job.expired(now):  # checked first: the app also cancels a job it timed out
+                steps.close()
+                self._timed_out(job)
+                return
             if job.cancelled.is_set():
                 steps.close()  # GeneratorExit inside the decode loop: it stops there
                 if self.metrics:
