@@ -209,7 +209,12 @@ def test_concurrent_streams_equal_offline(server, tiny_model_dir, tiny_lm):
     # mixed with another, and each equals its offline result
     prompts = [f"{PROMPTS[i % len(PROMPTS)]}# case {i}\n" for i in range(32)]
     with ThreadPoolExecutor(32) as pool:
-        texts = list(pool.map(one, prompts, timeout=120))
+        futures = [pool.submit(one, p) for p in prompts]
+        # the server stays responsive while it generates
+        while not all(f.done() for f in futures):
+            assert httpx.get(f"{server}/health", timeout=2).status_code == 200
+            assert httpx.get(f"{server}/metrics", timeout=2).status_code == 200
+        texts = [f.result(timeout=120) for f in futures]
     for prompt, text in zip(prompts, texts):
         assert text == tiny_lm.generate(prompt, max_new_tokens=16).text
 
