@@ -85,3 +85,21 @@ def test_export_loads_in_tokenlean_and_transformers(tiny_recipe, tmp_path):
         ours = lm.model(torch.tensor([ids]))
     assert (expected - ours).abs().max() < 1e-4
     assert np.isfinite(ours.numpy()).all()
+
+
+def test_multi_pair_retrieval_documents_ask_every_definition(tiny_recipe):
+    import dataclasses
+    import re
+
+    from tokenizers import Tokenizer
+
+    from tokenlean.zoo.train import Batches
+
+    tok_path = recipe.train_tokenizer(recipe.work_dir())
+    tok = Tokenizer.from_file(str(tok_path))
+    spec = dataclasses.replace(tiny_recipe, context=512, retrieval_pairs=5)
+    batches = Batches(spec, recipe.token_stream("train", tok_path), tok, None)
+    text = tok.decode(batches.retrieval(np.random.default_rng(0), 513).tolist())
+    defined = dict(re.findall(r"^([A-Z_]+) = (\S+)$", text.split("\n\n\n")[0], re.M))
+    asked = dict(re.findall(r"^assert ([A-Z_]+) == (\S+)$", text, re.M))
+    assert len(defined) == 5 and asked == defined

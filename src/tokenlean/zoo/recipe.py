@@ -50,6 +50,7 @@ class ModelSpec:
     warmup: int = 50
     decay_fraction: float = 0.25  # warmup-stable-decay: linear decay over the last part
     retrieval_fraction: float = 0.15
+    retrieval_pairs: int = 1  # definitions (and questions) per retrieval document
     seed: int = 0
     distill_from: str | None = None  # FastDraft: also train on this model's continuations
     distill_tokens: int = 600_000

@@ -49,14 +49,26 @@ class Batches:
         return source[start : start + n].astype(np.int64)
 
     def retrieval(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        header, question, answer = retrieval_pair(random.Random(int(rng.integers(1 << 62))))
-        head = self.tok.encode(header).ids
-        tail = self.tok.encode(question + answer + "\n").ids
+        """Definitions at the top of a code window, questions (in another order) at its end."""
+        pairs = self._distinct_pairs(random.Random(int(rng.integers(1 << 62))))
+        head = self.tok.encode("".join(header for header, _, _ in pairs)).ids
+        asked = [pairs[i] for i in rng.permutation(len(pairs))] if len(pairs) > 1 else pairs
+        tail = self.tok.encode("".join(q + a + "\n" for _, q, a in asked)).ids
         length = int(rng.integers(min(128, n // 4), n - 16))  # definition-to-question distance
         filler = self.window(rng, max(1, length - len(head) - len(tail)))
         doc = np.concatenate([head, filler, tail, [self.eos]])
         rest = self.window(rng, max(0, n - len(doc)))
         return np.concatenate([doc, rest])[:n]
+
+    def _distinct_pairs(self, rng: random.Random) -> list[tuple[str, str, str]]:
+        """spec.retrieval_pairs (NAME, VALUE) pairs with distinct names."""
+        pairs: dict[str, tuple[str, str, str]] = {}
+        for _ in range(20 * self.spec.retrieval_pairs):
+            pair = retrieval_pair(rng)
+            pairs.setdefault(pair[0].split(" = ")[0], pair)
+            if len(pairs) == self.spec.retrieval_pairs:
+                break
+        return list(pairs.values())
 
     def __call__(self, step: int) -> torch.Tensor:
         rng = np.random.default_rng([self.spec.seed, step])
