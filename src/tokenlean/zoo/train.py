@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.progress import Progress, TextColumn
 
 from tokenlean.errors import UserError
 from tokenlean.model import ModelConfig, Transformer
@@ -159,9 +161,12 @@ def train(name: str, steps: int | None = None, threads: int = 2, log=print,
         log(f"{name}: resumed at step {step}/{spec.steps}")
     model.train()
     decay_start = int(spec.steps * (1 - spec.decay_fraction))
-    with open(run / "log.jsonl", "a") as logf:
+    end = min(spec.steps, stop_at or spec.steps)
+    progress = Progress(*Progress.get_default_columns(), TextColumn("{task.fields[info]}"),
+                        disable=not sys.stderr.isatty())  # log files get the lines below
+    task = progress.add_task(f"training {name}", total=end, completed=step, info="")
+    with open(run / "log.jsonl", "a") as logf, progress:
         t0 = time.time()
-        end = min(spec.steps, stop_at or spec.steps)
         while step < end:
             for group in opt.param_groups:
                 group["lr"] = lr_at(spec, step)
@@ -181,6 +186,7 @@ def train(name: str, steps: int | None = None, threads: int = 2, log=print,
                 record["heldout_loss"], record["heldout_top1"] = heldout_loss(model, heldout, spec.context)
             logf.write(json.dumps(record) + "\n")
             logf.flush()
+            progress.update(task, completed=step, info=f"loss {record['loss']:.3f}")
             if step % CHECKPOINT_EVERY == 0 or step in (end, decay_start):
                 save_checkpoint(ckpt, model, opt, step)
                 if step == decay_start:  # extendable: resume here with more steps
