@@ -90,15 +90,18 @@ class DraftModel(Drafter):
         logits = self._catch_up(history)
         tokens, qs = [], []
         for i in range(k):
-            q = probabilities(logits, self.sampling)  # (V,) what the token is drawn from
-            token = int(q.argmax()) if self.sampling.greedy else int(sample(q, self.generator))
+            if self.sampling.greedy:  # the verifier compares tokens only: no q needed
+                token = int(logits.argmax())
+            else:
+                q = probabilities(logits, self.sampling)  # (V,) what the token is drawn from
+                token = int(sample(q, self.generator))
+                qs.append(q)
             tokens.append(token)
-            qs.append(q)
             if i + 1 < k:
                 logits = self.draft(torch.tensor([[token]], device=self.draft.device),
                                     cache=self.cache)[0, -1]
                 self.cached.append(token)
-        return DraftTree.chain(tokens, None if self.sampling.greedy else torch.stack(qs))
+        return DraftTree.chain(tokens, torch.stack(qs) if qs else None)
 
     def observe(self, tree: DraftTree, logits: torch.Tensor, accepted) -> None:
         if self.params.adaptive and len(tree):
