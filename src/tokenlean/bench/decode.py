@@ -207,8 +207,6 @@ def run_decode_bench(args) -> dict:
                          "threads slow both systems unevenly; compare with --threads 1")
     result = {
         **run_header("decode", _command(args, lm.name), started, machine, lm),
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device),
         "setup": {
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),

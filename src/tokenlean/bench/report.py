@@ -179,4 +179,6 @@ def run_header(benchmark: str, command: str, started, machine: dict, lm) -> dict
             "weights_sha256_16": weights_digest(lm.folder),
             "context": lm.context,
         },
+        "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "device": str(lm.model.device),
     }

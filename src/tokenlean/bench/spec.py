@@ -309,8 +309,6 @@ def run_spec_bench(args) -> dict:
     result = {
         **run_header("spec", _command(args, lm.name), started, machine, lm),
         "draft_models": {f: weights_digest(Path(f)) for f in sorted(draft_folders)},
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device),
         "setup": {
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
