@@ -74,6 +74,19 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="a method option, repeatable (e.g. --method pld --method-arg max_ngram=4)")
 
 
+def add_bench_run_args(p: argparse.ArgumentParser, prompts: int, prompts_help: str,
+                       prompt_tokens_help: str, threads_help: str) -> None:
+    """Prompt count and size, new tokens, repetitions and threads of a side-by-side bench."""
+    p.add_argument("--prompts", type=_positive_int, default=prompts,
+                   help=f"{prompts_help} (default {prompts})")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=256,
+                   help=f"{prompt_tokens_help} (default 256)")
+    p.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128)
+    p.add_argument("--repeats", type=_positive_int, default=3, help="repetitions (median taken)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help=f"torch threads {threads_help} (default: torch's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenlean",
@@ -121,13 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
     bd = bsub.add_parser("decode", help="plain decoding tokens/s: tokenlean vs transformers.generate")
     add_model_args(bd)
-    bd.add_argument("--prompts", type=_positive_int, default=4, help="number of prompts (default 4)")
-    bd.add_argument("--prompt-tokens", type=_positive_int, default=256,
-                    help="tokens per prompt (default 256)")
-    bd.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128)
-    bd.add_argument("--repeats", type=_positive_int, default=3, help="repetitions (median taken)")
-    bd.add_argument("--threads", type=_positive_int, default=None,
-                    help="torch threads for both (default: torch's)")
+    add_bench_run_args(bd, prompts=4, prompts_help="number of prompts",
+                       prompt_tokens_help="tokens per prompt", threads_help="for both")
     bd.add_argument("--no-peers", action="store_true", help="skip transformers")
     bd.add_argument("--out", default="bench-results", help="folder for the JSON result")
 
@@ -163,14 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(bs)
     bs.add_argument("--tasks", default=DEFAULT_TASKS,
                     help=f"comma-separated subset of {DEFAULT_TASKS} (default: all)")
-    bs.add_argument("--prompts", type=_positive_int, default=8,
-                    help="prompts per task (default 8)")
-    bs.add_argument("--prompt-tokens", type=_positive_int, default=256,
-                    help="tokens per prompt of the code and random tasks (default 256)")
-    bs.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128)
-    bs.add_argument("--repeats", type=_positive_int, default=3, help="repetitions (median taken)")
-    bs.add_argument("--threads", type=_positive_int, default=None,
-                    help="torch threads for all systems (default: torch's)")
+    add_bench_run_args(bs, prompts=8, prompts_help="prompts per task",
+                       prompt_tokens_help="tokens per prompt of the code and random tasks",
+                       threads_help="for all systems")
     bs.add_argument("--methods", action="append", default=None, metavar="LIST",
                     help=f"tokenlean methods, comma-separated, options after a colon: e.g. "
                          f"greedy,recycling,recycling:num_nodes=16,draft:model=FOLDER "
