@@ -302,3 +302,25 @@ def test_disabled_sliding_window_is_ignored(family):
     hf = {"model_type": family, "hidden_size": 64, "num_attention_heads": 4,
           "num_key_value_heads": 2, "sliding_window": 4096, "use_sliding_window": False}
     assert ModelConfig.from_hf(hf).sliding_window is None
+
+
+# --- CPU packing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2"])
+@torch.no_grad()
+def test_packed_projections_match_plain_ones(family, tmp_path):
+    """On CPU the projections run through oneDNN prepacked weights; F.linear is the reference."""
+    from tokenlean.model.packed import PackedLinear
+
+    make_hf_model(family).save_pretrained(tmp_path)
+    packed = load_model(tmp_path, device="cpu", dtype="fp32")
+    plain = load_model(tmp_path, device="cpu", dtype="fp32", pack=False)
+    if not any(isinstance(m, PackedLinear) for m in packed.modules()):
+        pytest.skip("this torch build has no oneDNN linear ops")
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    assert sum(p.numel() for p in packed.parameters()) == sum(p.numel() for p in plain.parameters())
+    seq = random_tokens(40, seed=7)
+    assert_close(packed(seq)[0], plain(seq)[0], "packed vs plain projections")
+    half = load_model(tmp_path, device="cpu", dtype="fp16")  # no packed fp16 kernels: plain path
+    assert not any(isinstance(m, PackedLinear) for m in half.modules())

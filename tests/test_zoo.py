@@ -97,9 +97,29 @@ def test_multi_pair_retrieval_documents_ask_every_definition(tiny_recipe):
 
     tok_path = recipe.train_tokenizer(recipe.work_dir())
     tok = Tokenizer.from_file(str(tok_path))
-    spec = dataclasses.replace(tiny_recipe, context=512, retrieval_pairs=5)
+    spec = dataclasses.replace(tiny_recipe, context=512)
     batches = Batches(spec, recipe.token_stream("train", tok_path), tok, None)
-    text = tok.decode(batches.retrieval(np.random.default_rng(0), 513).tolist())
+    text = tok.decode(batches.retrieval(np.random.default_rng(0), 513, count=5).tolist())
     defined = dict(re.findall(r"^([A-Z_]+) = (\S+)$", text.split("\n\n\n")[0], re.M))
     asked = dict(re.findall(r"^assert ([A-Z_]+) == (\S+)$", text, re.M))
     assert len(defined) == 5 and asked == defined
+
+
+def test_a_curriculum_stage_changes_batches_only_from_its_first_step(tiny_recipe):
+    import dataclasses
+
+    from tokenizers import Tokenizer
+
+    from tokenlean.zoo.train import Batches
+
+    tok_path = recipe.train_tokenizer(recipe.work_dir())
+    tok = Tokenizer.from_file(str(tok_path))
+    stream = recipe.token_stream("train", tok_path)
+    base = dataclasses.replace(tiny_recipe, context=256, retrieval_fraction=0.0)
+    staged = dataclasses.replace(base, stages=((3, {"retrieval_fraction": 1.0, "retrieval_pairs": 4}),))
+    assert staged.at(2).retrieval_fraction == 0.0 and staged.at(3).retrieval_pairs == 4
+    plain, curriculum = Batches(base, stream, tok, None), Batches(staged, stream, tok, None)
+    for step in range(3):
+        assert torch.equal(plain(step), curriculum(step))
+    text = tok.decode(curriculum(3)[0].tolist())
+    assert text.count("assert ") >= 4 and not torch.equal(plain(3), curriculum(3))

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from tokenlean.errors import UserError
 from tokenlean.model.config import ModelConfig
+from tokenlean.model.packed import pack_for_cpu
 from tokenlean.model.transformer import Transformer, rope_inv_freq
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -81,7 +82,9 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model(name_or_path: str | Path, device: str | None = None, dtype=None) -> Transformer:
+def load_model(name_or_path: str | Path, device: str | None = None, dtype=None,
+               pack: bool = True) -> Transformer:
+    """Load an HF folder or hub id; on CPU the projections are prepacked for oneDNN unless `pack` is False."""
     folder = checkpoint_folder(name_or_path)
     config = ModelConfig.from_file(folder / "config.json")
     dev = resolve_device(device)
@@ -106,6 +109,8 @@ def load_model(name_or_path: str | Path, device: str | None = None, dtype=None) 
     model.inv_freq = rope_inv_freq(config)  # was on the meta device
     model = model.to(device=dev, dtype=dt).eval().requires_grad_(False)
     model.inv_freq = rope_inv_freq(config).to(dev)  # RoPE frequencies stay fp32
+    if pack:
+        pack_for_cpu(model)
     return model
 
 

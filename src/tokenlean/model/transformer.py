@@ -138,6 +138,7 @@ class Transformer(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.packed_head: nn.Module | None = None  # set by model.packed.pack_for_cpu
 
     @property
     def device(self) -> torch.device:
@@ -196,4 +197,8 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_n is not None:
             x = x[:, -last_n:]
-        return F.linear(self.model.norm(x), self.head_weight())
+        x = self.model.norm(x)
+        if self.packed_head is not None:
+            return self.packed_head(x)
+        return F.linear(x, self.head_weight())
+

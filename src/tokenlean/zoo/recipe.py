@@ -10,7 +10,7 @@ import hashlib
 import json
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,18 @@ class ModelSpec:
     seed: int = 0
     distill_from: str | None = None  # FastDraft: also train on this model's continuations
     distill_tokens: int = 600_000
+    # Curriculum: (first step, changed fields) in step order, e.g. more retrieval documents
+    # from some step on. Batches before a stage starts are unchanged by it.
+    stages: tuple[tuple[int, dict], ...] = ()
     notes: list[str] = field(default_factory=list)
+
+    def at(self, step: int) -> ModelSpec:
+        """The settings in force at `step`: those of the last stage that has started."""
+        spec = self
+        for start, changes in self.stages:
+            if step >= start:
+                spec = replace(spec, **changes)
+        return spec
 
     def hf_config(self) -> dict:
         return {
@@ -78,7 +89,11 @@ class ModelSpec:
 
 
 SPECS = {
-    "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2, notes=[
+    # Run 2: run 1's first 825 steps unchanged (its stable checkpoint), then a retrieval-heavy
+    # stage and a longer stable phase; the decay now starts at step 1500.
+    "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2, steps=2000, stages=(
+        (825, {"retrieval_fraction": 0.3, "retrieval_pairs": 16}),
+    ), notes=[
         "Targets set by the project: held-out top-1 >= 55 %, retrieval >= 90 % at 2048. "
         "Neither is reached by this first run (see the table).",
         "Run 1 (this model): 1100 steps of 4 x 2048 tokens (9.0 M tokens, ~3.3 epochs of the "

@@ -50,9 +50,9 @@ class Batches:
         start = int(rng.integers(0, len(source) - n))
         return source[start : start + n].astype(np.int64)
 
-    def retrieval(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """Definitions at the top of a code window, questions (in another order) at its end."""
-        pairs = self._distinct_pairs(random.Random(int(rng.integers(1 << 62))))
+    def retrieval(self, rng: np.random.Generator, n: int, count: int = 1) -> np.ndarray:
+        """`count` definitions at the top of a code window, questions (in another order) at its end."""
+        pairs = self._distinct_pairs(random.Random(int(rng.integers(1 << 62))), count)
         head = self.tok.encode("".join(header for header, _, _ in pairs)).ids
         asked = [pairs[i] for i in rng.permutation(len(pairs))] if len(pairs) > 1 else pairs
         tail = self.tok.encode("".join(q + a + "\n" for _, q, a in asked)).ids
@@ -62,25 +62,26 @@ class Batches:
         rest = self.window(rng, max(0, n - len(doc)))
         return np.concatenate([doc, rest])[:n]
 
-    def _distinct_pairs(self, rng: random.Random) -> list[tuple[str, str, str]]:
-        """spec.retrieval_pairs (NAME, VALUE) pairs with distinct names."""
+    def _distinct_pairs(self, rng: random.Random, count: int) -> list[tuple[str, str, str]]:
+        """`count` (NAME, VALUE) pairs with distinct names."""
         pairs: dict[str, tuple[str, str, str]] = {}
-        for _ in range(20 * self.spec.retrieval_pairs):
+        for _ in range(20 * count):
             pair = retrieval_pair(rng)
             pairs.setdefault(pair[0].split(" = ")[0], pair)
-            if len(pairs) == self.spec.retrieval_pairs:
+            if len(pairs) == count:
                 break
         return list(pairs.values())
 
     def __call__(self, step: int) -> torch.Tensor:
-        rng = np.random.default_rng([self.spec.seed, step])
-        n = self.spec.context + 1
+        spec = self.spec.at(step)
+        rng = np.random.default_rng([spec.seed, step])
+        n = spec.context + 1
         rows = []
-        for _ in range(self.spec.batch):
+        for _ in range(spec.batch):
             u = rng.random()
-            if u < self.spec.retrieval_fraction:
-                rows.append(self.retrieval(rng, n))
-            elif self.extra is not None and u < 0.5 + self.spec.retrieval_fraction / 2:
+            if u < spec.retrieval_fraction:
+                rows.append(self.retrieval(rng, n, spec.retrieval_pairs))
+            elif self.extra is not None and u < 0.5 + spec.retrieval_fraction / 2:
                 rows.append(self.window(rng, n, self.extra))
             else:
                 rows.append(self.window(rng, n))
