@@ -68,12 +68,20 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
         self.qk_norm = c.qk_norm
+        self.qkv: nn.Module | None = None  # q, k and v in one projection (model.packed)
+
+    def project(self, x):
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.n_kv * self.head_dim
+        return self.qkv(x).split((self.n_heads * self.head_dim, kv, kv), dim=-1)
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv, self.head_dim)
+        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
@@ -94,9 +102,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_up: nn.Module | None = None  # gate and up in one projection (model.packed)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
