@@ -35,10 +35,29 @@ def test_corpus_split_is_disjoint_and_excludes_tests():
 def test_retrieval_pair_answers_its_question():
     import random
 
-    header, question, answer = corpus.retrieval_pair(random.Random(3))
-    name, value = header.split(" = ")
-    assert question.strip() == f"assert {name} =="
-    assert answer.strip() == value.strip()
+    for style, asked in (("repeat", "{name} ="), ("assert", "assert {name} ==")):
+        header, question, answer = corpus.retrieval_pair(random.Random(3), style)
+        name, value = header.split(" = ")
+        assert question.strip() == asked.format(name=name)
+        assert answer.strip() == value.strip()
+    with pytest.raises(ValueError):
+        corpus.retrieval_pair(random.Random(3), "riddle")
+
+
+def test_repeat_style_question_restates_the_definition_token_for_token():
+    """What makes it learnable by copying: the tokens before the answer occur earlier verbatim."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(recipe.train_tokenizer(recipe.work_dir())))
+    rng = random.Random(0)
+    for _ in range(50):
+        header, question, answer = corpus.retrieval_pair(rng, "repeat")
+        doc = tok.encode(header + "x = 1\n" + question + answer).ids
+        asked = tok.encode(question.lstrip("\n") + answer).ids
+        defined = tok.encode(header.rstrip("\n")).ids
+        assert defined == asked and doc[-len(asked):] == asked
 
 
 def test_batches_are_a_function_of_the_step(tiny_recipe):
@@ -99,7 +118,7 @@ def test_multi_pair_retrieval_documents_ask_every_definition(tiny_recipe):
     tok = Tokenizer.from_file(str(tok_path))
     spec = dataclasses.replace(tiny_recipe, context=512)
     batches = Batches(spec, recipe.token_stream("train", tok_path), tok, None)
-    text = tok.decode(batches.retrieval(np.random.default_rng(0), 513, count=5).tolist())
+    text = tok.decode(batches.retrieval(np.random.default_rng(0), 513, count=5, style="assert").tolist())
     defined = dict(re.findall(r"^([A-Z_]+) = (\S+)$", text.split("\n\n\n")[0], re.M))
     asked = dict(re.findall(r"^assert ([A-Z_]+) == (\S+)$", text, re.M))
     assert len(defined) == 5 and asked == defined
@@ -116,7 +135,7 @@ def test_a_curriculum_stage_changes_batches_only_from_its_first_step(tiny_recipe
     tok = Tokenizer.from_file(str(tok_path))
     stream = recipe.token_stream("train", tok_path)
     base = dataclasses.replace(tiny_recipe, context=256, retrieval_fraction=0.0)
-    staged = dataclasses.replace(base, stages=((3, {"retrieval_fraction": 1.0, "retrieval_pairs": 4}),))
+    staged = dataclasses.replace(base, stages=((3, {"retrieval_fraction": 1.0, "retrieval_pairs": 4, "retrieval_style": "assert"}),))
     assert staged.at(2).retrieval_fraction == 0.0 and staged.at(3).retrieval_pairs == 4
     plain, curriculum = Batches(base, stream, tok, None), Batches(staged, stream, tok, None)
     for step in range(3):

@@ -54,15 +54,22 @@ _WORDS = ("alpha", "beta", "cache", "delta", "epoch", "field", "gamma", "index",
           "limit", "level", "code", "key", "salt", "tag", "build", "mode", "retry", "shard")
 
 
-def retrieval_pair(rng: random.Random) -> tuple[str, str, str]:
-    """(header, question, answer): `NAME = VALUE` at the top; `assert NAME ==` + ` VALUE` at the end."""
+def retrieval_pair(rng: random.Random, style: str = "repeat") -> tuple[str, str, str]:
+    """(header, question, answer): `NAME = VALUE` at the top, asked for at the end.
+
+    style "repeat" (passkey-style, the evaluation's): the question restates `NAME =`
+    token for token, so the model must find the earlier `NAME =` and copy what followed.
+    style "assert" (tl-code run 1's first 1025 steps): `assert NAME ==`, whose tokens
+    (" NAME", " ==") differ from the definition's; no run learned it.
+    """
     name = "_".join(rng.sample(_WORDS, rng.choice((1, 2)))).upper()
     if rng.random() < 0.7:
         value = str(rng.randint(10_000, 99_999))
     else:
         value = repr("".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(6)))
     header = f"{name} = {value}\n\n"
-    question = f"\n\nassert {name} =="
-    return header, question, " " + value
-
-
+    if style == "assert":
+        return header, f"\n\nassert {name} ==", " " + value
+    if style == "repeat":
+        return header, f"\n\n{name} =", " " + value
+    raise ValueError(f"unknown retrieval style {style!r}")

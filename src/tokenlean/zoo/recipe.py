@@ -51,6 +51,7 @@ class ModelSpec:
     decay_fraction: float = 0.25  # warmup-stable-decay: linear decay over the last part
     retrieval_fraction: float = 0.15
     retrieval_pairs: int = 1  # definitions (and questions) per retrieval document
+    retrieval_style: str = "repeat"  # how questions are asked (corpus.retrieval_pair)
     seed: int = 0
     distill_from: str | None = None  # FastDraft: also train on this model's continuations
     distill_tokens: int = 600_000
@@ -91,9 +92,10 @@ class ModelSpec:
 SPECS = {
     # Run 2: run 1's first 825 steps unchanged (its stable checkpoint), then a retrieval-heavy
     # stage and a longer stable phase; the decay now starts at step 1500.
-    "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2, steps=2000, stages=(
+    "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2, steps=2200, stages=(
         (825, {"retrieval_fraction": 0.3, "retrieval_pairs": 16}),
-    ), notes=[
+        (1025, {"retrieval_style": "repeat"}),  # 0 % retrieval at step 1000 with "assert"
+    ), retrieval_style="assert", notes=[
         "Targets set by the project: held-out top-1 >= 55 %, retrieval >= 90 % at 2048. "
         "Neither is reached by this first run (see the table).",
         "Run 1 (this model): 1100 steps of 4 x 2048 tokens (9.0 M tokens, ~3.3 epochs of the "

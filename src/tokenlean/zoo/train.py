@@ -50,9 +50,10 @@ class Batches:
         start = int(rng.integers(0, len(source) - n))
         return source[start : start + n].astype(np.int64)
 
-    def retrieval(self, rng: np.random.Generator, n: int, count: int = 1) -> np.ndarray:
+    def retrieval(self, rng: np.random.Generator, n: int, count: int = 1,
+                  style: str = "repeat") -> np.ndarray:
         """`count` definitions at the top of a code window, questions (in another order) at its end."""
-        pairs = self._distinct_pairs(random.Random(int(rng.integers(1 << 62))), count)
+        pairs = self._distinct_pairs(random.Random(int(rng.integers(1 << 62))), count, style)
         head = self.tok.encode("".join(header for header, _, _ in pairs)).ids
         asked = [pairs[i] for i in rng.permutation(len(pairs))] if len(pairs) > 1 else pairs
         tail = self.tok.encode("".join(q + a + "\n" for _, q, a in asked)).ids
@@ -62,11 +63,11 @@ class Batches:
         rest = self.window(rng, max(0, n - len(doc)))
         return np.concatenate([doc, rest])[:n]
 
-    def _distinct_pairs(self, rng: random.Random, count: int) -> list[tuple[str, str, str]]:
+    def _distinct_pairs(self, rng: random.Random, count: int, style: str) -> list[tuple[str, str, str]]:
         """`count` (NAME, VALUE) pairs with distinct names."""
         pairs: dict[str, tuple[str, str, str]] = {}
         for _ in range(20 * count):
-            pair = retrieval_pair(rng)
+            pair = retrieval_pair(rng, style)
             pairs.setdefault(pair[0].split(" = ")[0], pair)
             if len(pairs) == count:
                 break
@@ -80,7 +81,7 @@ class Batches:
         for _ in range(spec.batch):
             u = rng.random()
             if u < spec.retrieval_fraction:
-                rows.append(self.retrieval(rng, n, spec.retrieval_pairs))
+                rows.append(self.retrieval(rng, n, spec.retrieval_pairs, spec.retrieval_style))
             elif self.extra is not None and u < 0.5 + spec.retrieval_fraction / 2:
                 rows.append(self.window(rng, n, self.extra))
             else:
