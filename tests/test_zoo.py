@@ -142,3 +142,19 @@ def test_a_curriculum_stage_changes_batches_only_from_its_first_step(tiny_recipe
         assert torch.equal(plain(step), curriculum(step))
     text = tok.decode(curriculum(3)[0].tolist())
     assert text.count("assert ") >= 4 and not torch.equal(plain(3), curriculum(3))
+
+
+def test_copy_rows_repeat_a_span_verbatim(tiny_recipe):
+    from tokenizers import Tokenizer
+
+    from tokenlean.zoo.train import Batches
+
+    tok_path = recipe.train_tokenizer(recipe.work_dir())
+    tok = Tokenizer.from_file(str(tok_path))
+    batches = Batches(tiny_recipe, recipe.token_stream("train", tok_path), tok, None)
+    for seed in range(5):
+        row = batches.copy(np.random.default_rng(seed), 1025)
+        assert len(row) == 1025
+        span = row[:32]  # the span is at least 32 tokens long and starts the row
+        later = [i for i in range(32, len(row) - 31) if (row[i : i + 32] == span).all()]
+        assert later, "the opening span never recurs"

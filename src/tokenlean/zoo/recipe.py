@@ -52,6 +52,7 @@ class ModelSpec:
     retrieval_fraction: float = 0.15
     retrieval_pairs: int = 1  # definitions (and questions) per retrieval document
     retrieval_style: str = "repeat"  # how questions are asked (corpus.retrieval_pair)
+    copy_fraction: float = 0.0  # rows where a code span recurs verbatim later (teaches copying)
     seed: int = 0
     distill_from: str | None = None  # FastDraft: also train on this model's continuations
     distill_tokens: int = 600_000
@@ -95,6 +96,7 @@ SPECS = {
     "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2, steps=2200, stages=(
         (825, {"retrieval_fraction": 0.3, "retrieval_pairs": 16}),
         (1025, {"retrieval_style": "repeat"}),  # 0 % retrieval at step 1000 with "assert"
+        (1250, {"copy_fraction": 0.2}),  # still 0 % at 1175, even at distance 0: no copying yet
     ), retrieval_style="assert", notes=[
         "Targets set by the project: held-out top-1 >= 55 %, retrieval >= 90 % at 2048. "
         "Neither is reached by this first run (see the table).",
