@@ -153,8 +153,9 @@ def test_copy_rows_repeat_a_span_verbatim(tiny_recipe):
     tok = Tokenizer.from_file(str(tok_path))
     batches = Batches(tiny_recipe, recipe.token_stream("train", tok_path), tok, None)
     for seed in range(5):
-        row = batches.copy(np.random.default_rng(seed), 1025)
-        assert len(row) == 1025
-        span = row[:32]  # the span is at least 32 tokens long and starts the row
-        later = [i for i in range(32, len(row) - 31) if (row[i : i + 32] == span).all()]
-        assert later, "the opening span never recurs"
+        for repeats in (2, 4):
+            row = batches.copy(np.random.default_rng(seed), 1025, repeats)
+            assert len(row) == 1025
+            span = row[:32]  # the span is at least 32 tokens long and starts the row
+            later = [i for i in range(32, len(row) - 31) if (row[i : i + 32] == span).all()]
+            assert len(later) >= repeats - 1, "the opening span does not recur often enough"

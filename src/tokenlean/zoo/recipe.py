@@ -53,6 +53,7 @@ class ModelSpec:
     retrieval_pairs: int = 1  # definitions (and questions) per retrieval document
     retrieval_style: str = "repeat"  # how questions are asked (corpus.retrieval_pair)
     copy_fraction: float = 0.0  # rows where a code span recurs verbatim later (teaches copying)
+    copy_repeats: int = 2  # occurrences of the span in a copy row
     seed: int = 0
     distill_from: str | None = None  # FastDraft: also train on this model's continuations
     distill_tokens: int = 600_000
@@ -97,6 +98,8 @@ SPECS = {
         (825, {"retrieval_fraction": 0.3, "retrieval_pairs": 16}),
         (1025, {"retrieval_style": "repeat"}),  # 0 % retrieval at step 1000 with "assert"
         (1250, {"copy_fraction": 0.2}),  # still 0 % at 1175, even at distance 0: no copying yet
+        (1475, {"copy_fraction": 0.35, "copy_repeats": 4}),  # at 1400 a repeated span was no
+                                                             # better predicted than its first copy
     ), retrieval_style="assert", notes=[
         "Targets set by the project: held-out top-1 >= 55 %, retrieval >= 90 % at 2048. "
         "Neither is reached by this first run (see the table).",

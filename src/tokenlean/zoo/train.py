@@ -63,13 +63,16 @@ class Batches:
         rest = self.window(rng, max(0, n - len(doc)))
         return np.concatenate([doc, rest])[:n]
 
-    def copy(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """A code span, other code, then the same span again: its second occurrence is
-        predictable only by finding and copying the first (what retrieval needs)."""
+    def copy(self, rng: np.random.Generator, n: int, repeats: int = 2) -> np.ndarray:
+        """A code span recurring `repeats` times between other code: every occurrence after
+        the first is predictable only by finding and copying an earlier one (what retrieval needs)."""
         span = self.window(rng, int(rng.integers(32, 257)))
-        gap = self.window(rng, int(rng.integers(0, n - 2 * len(span))))
-        rest = self.window(rng, max(1, n - 2 * len(span) - len(gap)))
-        return np.concatenate([span, gap, span, rest])[:n]
+        parts = [span]
+        room = n - repeats * len(span)
+        for _ in range(repeats - 1):
+            parts += [self.window(rng, int(rng.integers(0, room // (repeats - 1)))), span]
+        parts.append(self.window(rng, max(1, n - sum(map(len, parts)))))
+        return np.concatenate(parts)[:n]
 
     def _distinct_pairs(self, rng: random.Random, count: int, style: str) -> list[tuple[str, str, str]]:
         """`count` (NAME, VALUE) pairs with distinct names."""
@@ -91,7 +94,7 @@ class Batches:
             if u < spec.retrieval_fraction:
                 rows.append(self.retrieval(rng, n, spec.retrieval_pairs, spec.retrieval_style))
             elif u < spec.retrieval_fraction + spec.copy_fraction:
-                rows.append(self.copy(rng, n))
+                rows.append(self.copy(rng, n, spec.copy_repeats))
             elif self.extra is not None and u < 0.5 + spec.retrieval_fraction / 2:
                 rows.append(self.window(rng, n, self.extra))
             else:
