@@ -93,7 +93,7 @@ class ModelSpec:
 
 SPECS = {
     # Run 2: run 1's first 825 steps unchanged (its stable checkpoint), then a retrieval-heavy
-    # stage and a longer stable phase; the decay now starts at step 1500.
+    # stage and a longer stable phase; the decay now starts at step 1650.
     "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2, steps=2200, stages=(
         (825, {"retrieval_fraction": 0.3, "retrieval_pairs": 16}),
         (1025, {"retrieval_style": "repeat"}),  # 0 % retrieval at step 1000 with "assert"

@@ -66,7 +66,8 @@ class Batches:
     def copy(self, rng: np.random.Generator, n: int, repeats: int = 2) -> np.ndarray:
         """A code span recurring `repeats` times between other code: every occurrence after
         the first is predictable only by finding and copying an earlier one (what retrieval needs)."""
-        span = self.window(rng, int(rng.integers(32, 257)))
+        longest = min(257, n // (repeats + 1))  # 32-256 tokens where the row has room
+        span = self.window(rng, int(rng.integers(min(32, longest - 1), longest)))
         parts = [span]
         room = n - repeats * len(span)
         for _ in range(repeats - 1):
