@@ -61,7 +61,7 @@ def pack_for_cpu(model: Transformer) -> bool:
         return False
     try:
         _pack(torch.zeros(2, 2, dtype=model.dtype))
-    except RuntimeError:  # a torch build without these oneDNN ops: keep F.linear
+    except (RuntimeError, AttributeError):  # a torch build without these oneDNN ops: F.linear
         return False
     for layer in model.model.layers:  # fewer, larger calls: ~10 % of a decoding step
         attn, mlp = layer.self_attn, layer.mlp
