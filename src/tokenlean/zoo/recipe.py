@@ -117,10 +117,11 @@ SPECS = {
         "predicted no better than its first occurrence (mean probability 0.23 vs 0.21). The "
         "model has not formed the copying (induction) mechanism retrieval needs; its held-out "
         "loss does not fall with position beyond ~64 tokens. A 2-layer probe trained only on "
-        "copy rows (800 steps of 8 x 512 tokens) did not learn to copy either, while attention "
-        "gradients check out against a manual computation: the mechanism is slow to emerge at "
-        "this batch size and budget rather than blocked by a bug we could find. Next: the "
-        "stable checkpoint at step 1650 can be extended with more copy signal.",
+        "copy rows (800 steps of 8 x 512 tokens) did not learn to copy either, nor, in 3000 "
+        "steps, the textbook induction task (random-token spans repeated). Attention "
+        "gradients check out against a manual computation and autocast is not the cause; "
+        "failing so easy a task points to a flaw in the training setup still to be found. Next: find it "
+        "with the probe, then extend the stable checkpoint at step 1650.",
     ]),
     "tl-code-draft": ModelSpec("tl-code-draft", 192, 512, 4, 3, 1, lr=3e-3, steps=600,
                                retrieval_fraction=0.05, distill_from="tl-code", notes=[
