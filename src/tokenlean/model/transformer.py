@@ -214,4 +214,3 @@ class Transformer(nn.Module):
         if self.packed_head is not None:
             return self.packed_head(x)
         return F.linear(x, self.head_weight())
-

@@ -55,6 +55,7 @@ class Batches:
         """`count` definitions at the top of a code window, questions (in another order) at its end."""
         pairs = self._distinct_pairs(random.Random(int(rng.integers(1 << 62))), count, style)
         head = self.tok.encode("".join(header for header, _, _ in pairs)).ids
+        # one pair draws no permutation, so run 1's random stream (and batches) stay as they were
         asked = [pairs[i] for i in rng.permutation(len(pairs))] if len(pairs) > 1 else pairs
         tail = self.tok.encode("".join(q + a + "\n" for _, q, a in asked)).ids
         length = int(rng.integers(min(128, n // 4), n - 16))  # definition-to-question distance
