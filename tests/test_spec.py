@@ -537,3 +537,36 @@ def test_recycling_matrix_save_load_roundtrip(tiny_lm, tmp_path):
     with pytest.raises(UserError, match="shape"):
         make_drafter("recycling", tiny_lm, {"matrix_path": str(tmp_path / "bad.npy")})
 
+
+
+# --- hybrid: the prompt-lookup chain grafted onto the recycling tree --------------------------
+
+def test_graft_shares_the_nodes_the_tree_already_has():
+    from tokenlean.spec.drafters.hybrid import graft
+
+    tree = DraftTree(TOKENS, PARENTS)  # root -> 10 -> 13 -> 15 is a path of it
+    grafted = graft(tree, [10, 13, 15, 99, 98])
+    assert grafted.tokens == TOKENS + [99, 98]
+    assert grafted.parents == PARENTS + [5, 6]
+    assert graft(tree, [10, 13]).tokens == TOKENS  # already there: nothing added
+    assert graft(tree, []).tokens == TOKENS
+    other = graft(tree, [12, 10])  # 12 is not a child of the root: a new branch
+    assert other.tokens[6:] == [12, 10] and other.parents[6:] == [-1, 6]
+    assert [other.tokens[n] for n in other.paths()[-1]] == [12, 10]
+
+
+def test_hybrid_drafts_the_lookup_continuation(tiny_lm):
+    """When the text repeats, the chain prompt lookup finds is in the hybrid's tree."""
+    lm = fresh_lm(tiny_lm)
+    hybrid = make_drafter("hybrid", lm, {"num_nodes": 4, "lookup_tokens": 5})
+    assert hybrid.max_nodes == 9
+    history = [50, 51, 52, 53, 54, 55, 56, 57, 50, 51]
+    hybrid.start(history)
+    tree = hybrid.propose(history, max_depth=8)
+    expected = [52, 53, 54, 55, 56]  # what followed 50, 51 before
+    paths = [[tree.tokens[n] for n in path] for path in tree.paths()]
+    assert any(path[: len(expected)] == expected for path in paths), (expected, paths)
+    # no lookup: the recycling tree alone (empty, as its matrix has seen nothing yet)
+    alone = make_drafter("hybrid", lm, {"num_nodes": 4, "lookup_tokens": 0})
+    alone.start(history)
+    assert len(alone.propose(history, max_depth=8)) == 0

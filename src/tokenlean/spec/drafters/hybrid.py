@@ -1,0 +1,92 @@
+"""Prompt lookup merged into Token Recycling's tree: one forward verifies both.
+
+Token Recycling (Luo et al., arXiv 2408.08696) guesses well one or two tokens
+ahead but its tree thins out with depth; prompt lookup (Saxena 2023) is
+silent most of the time, but when the text repeats itself (code, edits) its
+guess is right many tokens deep. The lookup's best continuation is grafted
+onto the recycling tree as a chain, sharing the nodes where both agree, so a
+step accepts whichever guess the target agrees with. The adjacency matrix is
+refreshed from every scored node, the chain's included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenlean.spec.drafter import Drafter
+from tokenlean.spec.drafters.pld import PLDParams, PromptLookup
+from tokenlean.spec.drafters.recycling import RecyclingParams, TokenRecycling
+from tokenlean.spec.tree import DraftTree
+from tokenlean.spec.verify import Accepted
+
+
+@dataclass
+class HybridParams:
+    num_nodes: int = 0  # recycling tree size; 0 = sized for this device, chain included
+    lookup_tokens: int = 10  # depth of the prompt-lookup chain
+    max_ngram: int = 3
+    min_ngram: int = 1
+    max_depth: int = 6  # of the recycling tree
+    k: int = 8
+    matrix_path: str = ""
+
+    def __post_init__(self):
+        if self.lookup_tokens < 0:
+            raise ValueError("lookup_tokens must be >= 0")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError("need 1 <= min_ngram <= max_ngram")
+
+
+class LookupRecycling(Drafter):
+    name = "hybrid"
+    Params = HybridParams
+    paper = "Luo et al., Token Recycling, arXiv 2408.08696 + Saxena 2023, prompt lookup"
+    summary = "prompt-lookup chain grafted onto the Token Recycling tree, verified in one forward"
+
+    def __init__(self, lm, params: HybridParams):
+        super().__init__(lm, params)
+        self.recycling = TokenRecycling(lm, RecyclingParams(
+            params.num_nodes, params.max_depth, params.k, params.matrix_path),
+            extra_nodes=params.lookup_tokens)  # sized for the forward that scores the chain too
+        self.lookup = PromptLookup(lm, PLDParams(
+            params.max_ngram, params.min_ngram, max(1, params.lookup_tokens), max_matches=1))
+
+    @property
+    def max_nodes(self) -> int:
+        return self.recycling.max_nodes + self.params.lookup_tokens
+
+    def start(self, history, sampling=None) -> None:
+        self.lookup.start(history, sampling)
+        self.recycling.start(history, sampling)
+
+    def propose(self, history: list[int], max_depth: int) -> DraftTree:
+        tree = self.recycling.propose(history, max_depth)
+        if self.params.lookup_tokens:
+            chain = self.lookup.propose(history, max_depth).tokens
+            tree = graft(tree, chain)
+        return tree
+
+    def observe(self, tree: DraftTree, logits: torch.Tensor, accepted: Accepted) -> None:
+        self.recycling.observe(tree, logits, accepted)
+
+    def info(self) -> dict:
+        return {"tree_nodes": self.recycling.max_nodes, "lookup_tokens": self.params.lookup_tokens}
+
+    def end(self) -> None:
+        self.recycling.end()
+
+
+def graft(tree: DraftTree, chain: list[int]) -> DraftTree:
+    """`tree` plus the path `chain` from the root, reusing the nodes it already has."""
+    tokens, parents = list(tree.tokens), list(tree.parents)
+    children = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}
+    node = -1
+    for token in chain:
+        if (node, token) not in children:
+            children[node, token] = len(tokens)
+            tokens.append(token)
+            parents.append(node)
+        node = children[node, token]
+    return DraftTree(tokens, parents)
