@@ -159,3 +159,29 @@ def test_copy_rows_repeat_a_span_verbatim(tiny_recipe):
             span = row[:32]  # the span is at least 32 tokens long and starts the row
             later = [i for i in range(32, len(row) - 31) if (row[i : i + 32] == span).all()]
             assert len(later) >= repeats - 1, "the opening span does not recur often enough"
+
+
+def test_random_copy_rows_repeat_random_spans(tiny_recipe):
+    """copy_source="random": spans of random non-special tokens, each recurring `repeats` times."""
+    from tokenizers import Tokenizer
+
+    from tokenlean.zoo.train import Batches
+
+    tok_path = recipe.train_tokenizer(recipe.work_dir())
+    tok = Tokenizer.from_file(str(tok_path))
+    batches = Batches(tiny_recipe, recipe.token_stream("train", tok_path), tok, None)
+    for seed in range(5):
+        row = batches.copy(np.random.default_rng(seed), 1025, 3, source="random")
+        assert len(row) == 1025
+        # every 8-gram that first occurs in the first half recurs in full twice more, as long
+        # as the row holds it: count 8-grams occurring >= 3 times
+        grams = {}
+        for i in range(len(row) - 8):
+            grams.setdefault(tuple(row[i : i + 8]), []).append(i)
+        thrice = [g for g, at in grams.items() if len(at) >= 3]
+        assert len(thrice) >= 20, len(thrice)
+        assert min(min(g) for g in thrice) >= len(recipe.SPECIAL_TOKENS)  # spans: no specials
+    # the source changes the rows; the default stays the code span
+    a = batches.copy(np.random.default_rng(0), 1025, 3)
+    b = batches.copy(np.random.default_rng(0), 1025, 3, source="random")
+    assert not np.array_equal(a, b)

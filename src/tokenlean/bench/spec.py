@@ -41,7 +41,7 @@ from tokenlean.bench.tasks import FIXED_LENGTH, build_task, human_eval_file, par
 from tokenlean.errors import UserError
 
 DEFAULT_TASKS = "code,humaneval,edit,random"
-DEFAULT_METHODS = "greedy,pld,recycling,draft"
+DEFAULT_METHODS = "greedy,pld,recycling,hybrid,draft"
 PEERS = {
     "hf": "transformers generate, greedy",
     "hf-pld": "transformers generate(prompt_lookup_num_tokens=N), greedy",

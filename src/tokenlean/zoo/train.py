@@ -23,7 +23,7 @@ from rich.progress import Progress, TextColumn
 from tokenlean.errors import UserError
 from tokenlean.model import ModelConfig, Transformer
 from tokenlean.zoo.corpus import retrieval_pair
-from tokenlean.zoo.recipe import EOS, SPECS, ModelSpec, token_stream, train_tokenizer, work_dir
+from tokenlean.zoo.recipe import EOS, SPECIAL_TOKENS, SPECS, ModelSpec, token_stream, train_tokenizer, work_dir
 
 CHECKPOINT_EVERY = 25
 
@@ -64,9 +64,12 @@ class Batches:
         rest = self.window(rng, max(0, n - len(doc)))
         return np.concatenate([doc, rest])[:n]
 
-    def copy(self, rng: np.random.Generator, n: int, repeats: int = 2) -> np.ndarray:
+    def copy(self, rng: np.random.Generator, n: int, repeats: int = 2,
+             source: str = "code") -> np.ndarray:
         """A code span recurring `repeats` times between other code: every occurrence after
         the first is predictable only by finding and copying an earlier one (what retrieval needs)."""
+        if source == "random":
+            return self.random_copies(rng, n, repeats)
         longest = min(257, n // (repeats + 1))  # 32-256 tokens where the row has room
         span = self.window(rng, int(rng.integers(min(32, longest - 1), longest)))
         parts = [span]
@@ -74,6 +77,18 @@ class Batches:
         for _ in range(repeats - 1):
             parts += [self.window(rng, int(rng.integers(0, room // (repeats - 1)))), span]
         parts.append(self.window(rng, max(1, n - sum(map(len, parts)))))
+        return np.concatenate(parts)[:n]
+
+    def random_copies(self, rng: np.random.Generator, n: int, repeats: int) -> np.ndarray:
+        """Spans of 8-64 random tokens, each recurring `repeats` times with code in between.
+        Nothing but the earlier occurrence predicts a random token, so these rows reward the
+        copying (induction) mechanism alone, densely: ~20 % of a row's tokens."""
+        parts, used = [], 0
+        while used < n:
+            span = rng.integers(len(SPECIAL_TOKENS), self.tok.get_vocab_size(), int(rng.integers(8, 65)))
+            for _ in range(repeats):
+                parts += [self.window(rng, int(rng.integers(1, 128))), span]
+                used += len(parts[-2]) + len(span)
         return np.concatenate(parts)[:n]
 
     def _distinct_pairs(self, rng: random.Random, count: int, style: str) -> list[tuple[str, str, str]]:
@@ -96,7 +111,7 @@ class Batches:
             if u < spec.retrieval_fraction:
                 rows.append(self.retrieval(rng, n, spec.retrieval_pairs, spec.retrieval_style))
             elif u < spec.retrieval_fraction + spec.copy_fraction:
-                rows.append(self.copy(rng, n, spec.copy_repeats))
+                rows.append(self.copy(rng, n, spec.copy_repeats, spec.copy_source))
             elif self.extra is not None and u < 0.5 + spec.retrieval_fraction / 2:
                 rows.append(self.window(rng, n, self.extra))
             else:
