@@ -23,7 +23,15 @@ from rich.progress import Progress, TextColumn
 from tokenlean.errors import UserError
 from tokenlean.model import ModelConfig, Transformer
 from tokenlean.zoo.corpus import retrieval_pair
-from tokenlean.zoo.recipe import EOS, SPECIAL_TOKENS, SPECS, ModelSpec, token_stream, train_tokenizer, work_dir
+from tokenlean.zoo.recipe import (
+    EOS,
+    SPECIAL_TOKENS,
+    SPECS,
+    ModelSpec,
+    token_stream,
+    train_tokenizer,
+    work_dir,
+)
 
 CHECKPOINT_EVERY = 25
 
