@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-SIZES = (1, 4, 8, 12, 16, 24, 32, 48, 64, 80)
+SIZES = (1, 4, 8, 12, 16, 20, 24, 32, 48, 64, 80)
 _cost_cache: dict[tuple, dict[int, float]] = {}
 
 

@@ -71,15 +71,17 @@ def expected_tokens(template: list[tuple[int, int]]) -> float:
     return 1.0 + sum(weights)
 
 
-def device_sized_nodes(model, max_depth: int, k: int, extra: int = 0) -> int:
+def device_sized_nodes(model, max_depth: int, k: int, extra_nodes: int = 0,
+                       extra_tokens: float = 0.0) -> int:
     """Tree size that maximises expected tokens per second on this device, when every
-    step also scores `extra` other draft tokens."""
+    step also scores `extra_nodes` other draft tokens that add `extra_tokens` per step."""
     from tokenlean.spec.budget import best_size, forward_costs
 
-    costs = {size - extra: cost for size, cost in forward_costs(model).items() if size - extra > 1}
+    costs = {size - extra_nodes: cost for size, cost in forward_costs(model).items()
+             if size - extra_nodes > 1}
     if not costs:
         return 1
-    return best_size(costs, lambda n: expected_tokens(tree_template(n, max_depth, k)))
+    return best_size(costs, lambda n: expected_tokens(tree_template(n, max_depth, k)) + extra_tokens)
 
 
 class TokenRecycling(Drafter):
@@ -88,10 +90,11 @@ class TokenRecycling(Drafter):
     paper = "Luo et al., Token Recycling, arXiv 2408.08696"
     summary = "adjacency matrix of the target's past top-k fills a static tree (num_nodes=0: sized for the device; 80: the paper's)"
 
-    def __init__(self, lm, params: RecyclingParams, extra_nodes: int = 0):
+    def __init__(self, lm, params: RecyclingParams, extra_nodes: int = 0,
+                 extra_tokens: float = 0.0):
         super().__init__(lm, params)
         nodes = params.num_nodes or device_sized_nodes(lm.model, params.max_depth, params.k,
-                                                       extra_nodes)
+                                                       extra_nodes, extra_tokens)
         self.template = tree_template(nodes, params.max_depth, params.k)
         vocab = lm.model.config.vocab_size
         self.matrix = np.full((vocab, params.k), -1, dtype=np.int32)  # -1: nothing seen yet
