@@ -21,7 +21,6 @@ from tokenlean.spec.drafters.recycling import RecyclingParams, TokenRecycling
 from tokenlean.spec.tree import DraftTree
 from tokenlean.spec.verify import Accepted
 
-
 # What the lookup chain added to the tokens per step of Token Recycling alone on the code,
 # HumanEval and edit tasks of `tokenlean bench spec` (0.7-1.6 on tl-code): a prior for sizing
 # the recycling tree, which needs fewer nodes when the chain supplies part of the guesses.
