@@ -570,3 +570,28 @@ def test_hybrid_drafts_the_lookup_continuation(tiny_lm):
     alone = make_drafter("hybrid", lm, {"num_nodes": 4, "lookup_tokens": 0})
     alone.start(history)
     assert len(alone.propose(history, max_depth=8)) == 0
+
+
+def test_recycling_tree_is_sized_from_the_measured_forward_cost(monkeypatch):
+    """num_nodes=0: a GPU-like flat cost takes the largest tree, a CPU-like growing cost a
+    small one; a chain scored alongside (hybrid) counts in the cost and in the tokens."""
+    from tokenlean.spec import budget
+    from tokenlean.spec.drafters.recycling import device_sized_nodes, expected_tokens, tree_template
+
+    def sized(costs, **extra):
+        monkeypatch.setattr(budget, "forward_costs", lambda model: costs)
+        return device_sized_nodes(None, 6, 8, **extra)
+
+    assert sized({s: 1.0 for s in budget.SIZES}) == max(budget.SIZES) - 1
+    cpu = {s: 2.5 + 0.14 * (s - 1) for s in budget.SIZES}
+    n = sized(cpu)
+    assert 1 < n < 30 and n + 1 in cpu
+
+    def rate(m, chain=0, gain=0.0):
+        return (expected_tokens(tree_template(m, 6, 8)) + gain) / cpu[m + 1 + chain]
+
+    assert all(rate(n) >= rate(s - 1) for s in cpu if s > 1)  # the best of the measured sizes
+    with_chain = sized(cpu, extra_nodes=10, extra_tokens=1.0)
+    assert with_chain + 11 in cpu
+    assert all(rate(with_chain, 10, 1.0) >= rate(s - 11, 10, 1.0) for s in cpu if s > 11)
+    assert sized(cpu, extra_nodes=10, extra_tokens=5.0) <= sized(cpu, extra_nodes=10)
