@@ -95,7 +95,7 @@ class ModelSpec:
 SPECS = {
     # Run 2: run 1's first 825 steps unchanged (its stable checkpoint), then a retrieval-heavy
     # stage and a longer stable phase; the decay now starts at step 1650.
-    "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2, steps=3000, stages=(
+    "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2, steps=3200, stages=(
         (825, {"retrieval_fraction": 0.3, "retrieval_pairs": 16}),
         (1025, {"retrieval_style": "repeat"}),  # 0 % retrieval at step 1000 with "assert"
         (1250, {"copy_fraction": 0.2}),  # still 0 % at 1175, even at distance 0: no copying yet
