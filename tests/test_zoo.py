@@ -185,3 +185,39 @@ def test_random_copy_rows_repeat_random_spans(tiny_recipe):
     a = batches.copy(np.random.default_rng(0), 1025, 3)
     b = batches.copy(np.random.default_rng(0), 1025, 3, source="random")
     assert not np.array_equal(a, b)
+
+
+def test_copy_probability_tells_a_copier_from_a_guesser(tiny_recipe):
+    """The card's induction check: a model that copies the token 232 positions back (where
+    the span's first occurrence is) scores ~1; a uniform guesser scores 1/vocab."""
+    from types import SimpleNamespace
+
+    from tokenlean.zoo.build import copy_probability
+
+    recipe.train_tokenizer(recipe.work_dir())
+    vocab, back = 512, 32 + 200
+
+    def copier(x):  # row i predicts x[i + 1] from what stood `back` positions before it
+        logits = torch.zeros(1, x.shape[1], vocab)
+        for i in range(x.shape[1]):
+            if i + 1 - back >= 0:
+                logits[0, i, x[0, i + 1 - back]] = 50.0
+        return logits
+
+    def guesser(x):
+        return torch.zeros(1, x.shape[1], vocab)
+
+    config = SimpleNamespace(vocab_size=vocab)
+    assert copy_probability(SimpleNamespace(model=_Model(copier, config)), samples=3) > 0.99
+    guessed = copy_probability(SimpleNamespace(model=_Model(guesser, config)), samples=3)
+    assert abs(guessed - 1 / vocab) < 1e-6
+
+
+class _Model:
+    """Stands in for a Transformer: logits from a function of the token ids."""
+
+    def __init__(self, fn, config):
+        self.fn, self.config = fn, config
+
+    def __call__(self, x):
+        return self.fn(x)

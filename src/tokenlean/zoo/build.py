@@ -101,6 +101,26 @@ def retrieval_accuracy(lm, length: int, samples: int, seed: int = 1234) -> float
     return correct / samples
 
 
+@torch.no_grad()
+def copy_probability(lm, samples: int = 16, span: int = 32, seed: int = 99) -> float:
+    """Induction check: 32 random tokens, 200 tokens of held-out code, the same 32 again.
+    The mean probability the model gives the repeat's tokens (its first excepted): chance
+    is 1/vocab; a model that copies gets near 1. Retrieval needs this mechanism."""
+    stream = token_stream("heldout", work_dir() / "tokenizer.json")
+    rng = np.random.default_rng(seed)
+    vocab = lm.model.config.vocab_size
+    total = 0.0
+    for _ in range(samples):
+        tokens = rng.integers(16, vocab, span)
+        start = int(rng.integers(0, len(stream) - 200))
+        ids = np.concatenate([tokens, stream[start : start + 200], tokens]).astype(np.int64)
+        x = torch.from_numpy(ids)[None]
+        probs = lm.model(x[:, :-1])[0].float().softmax(-1)
+        targets = x[0, -span + 1 :]
+        total += probs[-span + 1 :].gather(1, targets[:, None]).mean().item()
+    return total / samples
+
+
 def write_card(name: str, quick: bool = False) -> dict:
     from tokenlean.lm import load
 
@@ -118,6 +138,7 @@ def write_card(name: str, quick: bool = False) -> dict:
                    f"{platform.processor() or 'cpu'}; Python {platform.python_version()}",
     }
     card.update(heldout_metrics(lm, spec.context))
+    card["copy_probability"] = round(copy_probability(lm), 4)
     samples = 20 if quick else 100
     for length in RETRIEVAL_LENGTHS:
         card[f"retrieval_{length}"] = retrieval_accuracy(lm, length, samples)
@@ -161,6 +182,9 @@ def card_markdown(card: dict, spec) -> str:
         f"({card['heldout_tokens']} tokens) |",
         f"| held-out next-token top-1 | {pct(card['heldout_top1'])} |",
     ]
+    if "copy_probability" in card:
+        lines.append(f"| copying: probability of a repeated random span | "
+                     f"{card['copy_probability']:.3f} (chance {1 / card['vocab_size']:.5f}) |")
     for length in RETRIEVAL_LENGTHS:
         lines.append(f"| retrieval accuracy @ {length} tokens | {pct(card[f'retrieval_{length}'])} "
                      f"({card['retrieval_samples']} prompts) |")
