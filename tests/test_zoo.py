@@ -181,6 +181,12 @@ def test_random_copy_rows_repeat_random_spans(tiny_recipe):
         thrice = [g for g, at in grams.items() if len(at) >= 3]
         assert len(thrice) >= 20, len(thrice)
         assert min(min(g) for g in thrice) >= len(recipe.SPECIAL_TOKENS)  # spans: no specials
+        # "ngram": the spans draw on 16 tokens only, so single tokens recur and are ambiguous
+        # (the code between spans replaced by token 0 here, to count the spans' tokens alone)
+        blank = Batches(tiny_recipe, np.zeros(4096, dtype=np.uint16), tok, None)
+        letters = set(blank.copy(np.random.default_rng(seed), 1025, 3, source="ngram").tolist()) - {0}
+        assert 4 <= len(letters) <= 16
+        assert len(set(blank.copy(np.random.default_rng(seed), 1025, 3, source="random").tolist())) > 100
     # the source changes the rows; the default stays the code span
     a = batches.copy(np.random.default_rng(0), 1025, 3)
     b = batches.copy(np.random.default_rng(0), 1025, 3, source="random")

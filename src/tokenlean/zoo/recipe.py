@@ -54,7 +54,8 @@ class ModelSpec:
     retrieval_style: str = "repeat"  # how questions are asked (corpus.retrieval_pair)
     copy_fraction: float = 0.0  # rows where a code span recurs verbatim later (teaches copying)
     copy_repeats: int = 2  # occurrences of the span in a copy row
-    copy_source: str = "code"  # "code": one code span; "random": many random-token spans
+    copy_source: str = "code"  # "code": one code span; "random": many random-token spans;
+    # "ngram": random spans over a 16-token alphabet per row (copying needs a multi-token match)
     seed: int = 0
     distill_from: str | None = None  # FastDraft: also train on this model's continuations
     distill_tokens: int = 600_000
@@ -107,6 +108,9 @@ SPECS = {
         # copying emerging (a repeated random span's tokens: p 1e-4 -> ~0.25 by step 2300),
         # not yet enough for retrieval: more of those rows, fewer plain code windows
         (2350, {"copy_fraction": 0.45}),
+        # copying single tokens (p ~0.4 at 2450) but not retrieval: `NAME =` must be matched
+        # as a whole among the code's many `=`; spans over 16-token alphabets teach that
+        (2525, {"copy_source": "ngram"}),
     ), retrieval_style="assert", notes=[
         "Targets set by the project: held-out top-1 >= 55 %, retrieval >= 90 % at 2048. "
         "Neither is reached (see the table).",

@@ -76,8 +76,8 @@ class Batches:
              source: str = "code") -> np.ndarray:
         """A code span recurring `repeats` times between other code: every occurrence after
         the first is predictable only by finding and copying an earlier one (what retrieval needs)."""
-        if source == "random":
-            return self.random_copies(rng, n, repeats)
+        if source in ("random", "ngram"):
+            return self.random_copies(rng, n, repeats, alphabet=16 if source == "ngram" else 0)
         longest = min(257, n // (repeats + 1))  # 32-256 tokens where the row has room
         span = self.window(rng, int(rng.integers(min(32, longest - 1), longest)))
         parts = [span]
@@ -87,13 +87,20 @@ class Batches:
         parts.append(self.window(rng, max(1, n - sum(map(len, parts)))))
         return np.concatenate(parts)[:n]
 
-    def random_copies(self, rng: np.random.Generator, n: int, repeats: int) -> np.ndarray:
+    def random_copies(self, rng: np.random.Generator, n: int, repeats: int,
+                      alphabet: int = 0) -> np.ndarray:
         """Spans of 8-64 random tokens, each recurring `repeats` times with code in between.
         Nothing but the earlier occurrence predicts a random token, so these rows reward the
-        copying (induction) mechanism alone, densely: ~20 % of a row's tokens."""
+        copying (induction) mechanism alone, densely: ~20 % of a row's tokens. With an
+        `alphabet`, a row's spans draw from that many tokens only, so a token recurs within
+        and across spans and only a match on several tokens finds the place to copy from
+        (as `NAME =` must be matched whole among the code's many `=`)."""
+        low, high = len(SPECIAL_TOKENS), self.tok.get_vocab_size()
+        letters = rng.choice(np.arange(low, high), alphabet, replace=False) if alphabet else None
         parts, used = [], 0
         while used < n:
-            span = rng.integers(len(SPECIAL_TOKENS), self.tok.get_vocab_size(), int(rng.integers(8, 65)))
+            length = int(rng.integers(8, 65))
+            span = rng.choice(letters, length) if alphabet else rng.integers(low, high, length)
             for _ in range(repeats):
                 parts += [self.window(rng, int(rng.integers(1, 128))), span]
                 used += len(parts[-2]) + len(span)
