@@ -201,7 +201,7 @@ def test_copy_probability_tells_a_copier_from_a_guesser(tiny_recipe):
     from tokenlean.zoo.build import copy_probability
 
     recipe.train_tokenizer(recipe.work_dir())
-    vocab, back = 512, 32 + 200
+    vocab, back = 8192, 32 + 200
 
     def copier(x):  # row i predicts x[i + 1] from what stood `back` positions before it
         logits = torch.zeros(1, x.shape[1], vocab)
