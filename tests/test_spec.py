@@ -538,7 +538,6 @@ def test_recycling_matrix_save_load_roundtrip(tiny_lm, tmp_path):
         make_drafter("recycling", tiny_lm, {"matrix_path": str(tmp_path / "bad.npy")})
 
 
-
 # --- hybrid: the prompt-lookup chain grafted onto the recycling tree --------------------------
 
 def test_graft_shares_the_nodes_the_tree_already_has():
@@ -570,6 +569,13 @@ def test_hybrid_drafts_the_lookup_continuation(tiny_lm):
     alone = make_drafter("hybrid", lm, {"num_nodes": 4, "lookup_tokens": 0})
     alone.start(history)
     assert len(alone.propose(history, max_depth=8)) == 0
+
+
+@pytest.mark.parametrize("option", ["num_nodes=-1", "k=99", "max_depth=0", "lookup_tokens=-1",
+                                    "min_ngram=4"])
+def test_hybrid_bad_option_is_a_user_error(tiny_lm, option):
+    with pytest.raises(UserError, match="hybrid"):
+        make_drafter("hybrid", tiny_lm, [option])
 
 
 def test_recycling_tree_is_sized_from_the_measured_forward_cost(monkeypatch):

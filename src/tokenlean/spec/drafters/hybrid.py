@@ -42,6 +42,13 @@ class HybridParams:
             raise ValueError("lookup_tokens must be >= 0")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
+        self.recycling()  # its own checks (num_nodes, max_depth, k), as bad options
+
+    def recycling(self) -> RecyclingParams:
+        return RecyclingParams(self.num_nodes, self.max_depth, self.k, self.matrix_path)
+
+    def lookup(self) -> PLDParams:  # one continuation: the chain
+        return PLDParams(self.max_ngram, self.min_ngram, max(1, self.lookup_tokens), max_matches=1)
 
 
 class LookupRecycling(Drafter):
@@ -52,12 +59,10 @@ class LookupRecycling(Drafter):
 
     def __init__(self, lm, params: HybridParams):
         super().__init__(lm, params)
-        self.recycling = TokenRecycling(lm, RecyclingParams(
-            params.num_nodes, params.max_depth, params.k, params.matrix_path),
-            # sized for a forward that scores the chain too, and a step that gains its tokens
-            extra_nodes=params.lookup_tokens, extra_tokens=LOOKUP_TOKENS_PER_STEP)
-        self.lookup = PromptLookup(lm, PLDParams(
-            params.max_ngram, params.min_ngram, max(1, params.lookup_tokens), max_matches=1))
+        # sized for a forward that scores the chain too, and a step that gains its tokens
+        self.recycling = TokenRecycling(lm, params.recycling(), extra_nodes=params.lookup_tokens,
+                                        extra_tokens=LOOKUP_TOKENS_PER_STEP)
+        self.lookup = PromptLookup(lm, params.lookup())
 
     @property
     def max_nodes(self) -> int:
