@@ -118,9 +118,8 @@ def copy_probability(lm, samples: int = 16, span: int = 32, seed: int = 99) -> f
         before, between = stream[start : start + 100], stream[start + 100 : start + 300]
         ids = np.concatenate([before, tokens, between, tokens]).astype(np.int64)
         x = torch.from_numpy(ids)[None]
-        probs = lm.model(x[:, :-1])[0].float().softmax(-1)
-        targets = x[0, -span + 1 :]
-        total += probs[-span + 1 :].gather(1, targets[:, None]).mean().item()
+        probs = lm.model(x[:, :-1])[0, -span + 1 :].float().softmax(-1)  # the repeat's rows
+        total += probs.gather(1, x[0, -span + 1 :, None]).mean().item()
     return total / samples
 
 

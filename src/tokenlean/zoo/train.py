@@ -34,6 +34,7 @@ from tokenlean.zoo.recipe import (
 )
 
 CHECKPOINT_EVERY = 25
+NGRAM_ALPHABET = 16  # tokens per row in "ngram" copy rows
 
 
 def lr_at(spec: ModelSpec, step: int) -> float:
@@ -74,10 +75,11 @@ class Batches:
 
     def copy(self, rng: np.random.Generator, n: int, repeats: int = 2,
              source: str = "code") -> np.ndarray:
-        """A code span recurring `repeats` times between other code: every occurrence after
-        the first is predictable only by finding and copying an earlier one (what retrieval needs)."""
+        """A span recurring `repeats` times between other code: every occurrence after the
+        first is predictable only by finding and copying an earlier one (what retrieval needs).
+        source "code": one code span; "random" / "ngram": see random_copies."""
         if source in ("random", "ngram"):
-            return self.random_copies(rng, n, repeats, alphabet=16 if source == "ngram" else 0)
+            return self.random_copies(rng, n, repeats, NGRAM_ALPHABET if source == "ngram" else 0)
         longest = min(257, n // (repeats + 1))  # 32-256 tokens where the row has room
         span = self.window(rng, int(rng.integers(min(32, longest - 1), longest)))
         parts = [span]
