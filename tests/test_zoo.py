@@ -124,6 +124,36 @@ def test_multi_pair_retrieval_documents_ask_every_definition(tiny_recipe):
     assert len(defined) == 5 and asked == defined
 
 
+def test_scattered_retrieval_asks_every_definition_once_between_code(tiny_recipe):
+    import dataclasses
+    import re
+
+    from tokenizers import Tokenizer
+
+    from tokenlean.zoo.train import Batches
+
+    tok_path = recipe.train_tokenizer(recipe.work_dir())
+    tok = Tokenizer.from_file(str(tok_path))
+    spec = dataclasses.replace(tiny_recipe, context=512)
+    batches = Batches(spec, recipe.token_stream("train", tok_path), tok, None)
+    first_offsets = []
+    for seed in range(3):
+        row = batches.retrieval(np.random.default_rng(seed), 513, count=5, layout="scattered")
+        assert len(row) == 513
+        text = tok.decode(row.tolist())
+        header = re.match(r"(?:[A-Z_]+ = \S+\n\n){5}", text)
+        defined = dict(re.findall(r"^([A-Z_]+) = (\S+)$", header.group(), re.M))
+        asked = [m for m in re.finditer(r"\n\n([A-Z_]+) = (\S+)\n", text[header.end():])
+                 if m.group(1) in defined]
+        assert sorted(m.group(1) for m in asked) == sorted(defined)
+        assert all(defined[m.group(1)] == m.group(2) for m in asked)
+        # code between the questions (in a block they follow one another)
+        assert sum(b.start() > a.end() for a, b in zip(asked, asked[1:])) >= 3
+        first_offsets.append(asked[0].start() / len(text))
+    # spread through the row, not gathered at its end
+    assert min(first_offsets) < 0.5
+
+
 def test_a_curriculum_stage_changes_batches_only_from_its_first_step(tiny_recipe):
     import dataclasses
 

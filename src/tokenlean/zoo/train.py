@@ -60,18 +60,34 @@ class Batches:
         return source[start : start + n].astype(np.int64)
 
     def retrieval(self, rng: np.random.Generator, n: int, count: int = 1,
-                  style: str = "repeat") -> np.ndarray:
-        """`count` definitions at the top of a code window, questions (in another order) at its end."""
+                  style: str = "repeat", layout: str = "block") -> np.ndarray:
+        """`count` definitions at the top of a code window, questions (in another order) at
+        its end ("block") or each at a random point of the code ("scattered")."""
         pairs = self._distinct_pairs(random.Random(int(rng.integers(1 << 62))), count, style)
         head = self.tok.encode("".join(header for header, _, _ in pairs)).ids
         # one pair draws no permutation, so run 1's random stream (and batches) stay as they were
         asked = [pairs[i] for i in rng.permutation(len(pairs))] if len(pairs) > 1 else pairs
+        if layout == "scattered":
+            return self._scattered(rng, n, head, asked)
         tail = self.tok.encode("".join(q + a + "\n" for _, q, a in asked)).ids
         length = int(rng.integers(min(128, n // 4), n - 16))  # definition-to-question distance
         filler = self.window(rng, max(1, length - len(head) - len(tail)))
         doc = np.concatenate([head, filler, tail, [self.eos]])
         rest = self.window(rng, max(0, n - len(doc)))
         return np.concatenate([doc, rest])[:n]
+
+    def _scattered(self, rng: np.random.Generator, n: int, head, asked) -> np.ndarray:
+        """Each question follows code at a random point of a full-length row, as the
+        evaluation's single question does, at every distance from the definitions."""
+        questions = [self.tok.encode(q + a + "\n").ids for _, q, a in asked]
+        filler = self.window(rng, max(1, n - len(head) - sum(map(len, questions))))
+        cuts = np.sort(rng.integers(0, len(filler) + 1, len(questions)))
+        parts, last = [head], 0
+        for cut, question in zip(cuts, questions):
+            parts += [filler[last:cut], question]
+            last = cut
+        parts.append(filler[last:])
+        return np.concatenate(parts).astype(np.int64)[:n]
 
     def copy(self, rng: np.random.Generator, n: int, repeats: int = 2,
              source: str = "code") -> np.ndarray:
@@ -126,7 +142,8 @@ class Batches:
         for _ in range(spec.batch):
             u = rng.random()
             if u < spec.retrieval_fraction:
-                rows.append(self.retrieval(rng, n, spec.retrieval_pairs, spec.retrieval_style))
+                rows.append(self.retrieval(rng, n, spec.retrieval_pairs, spec.retrieval_style,
+                                              spec.retrieval_layout))
             elif u < spec.retrieval_fraction + spec.copy_fraction:
                 rows.append(self.copy(rng, n, spec.copy_repeats, spec.copy_source))
             elif self.extra is not None and u < 0.5 + spec.retrieval_fraction / 2:
