@@ -97,7 +97,7 @@ class ModelSpec:
 SPECS = {
     # Run 3: run 2's first 1650 steps unchanged (its stable checkpoint; run 2 itself began
     # from run 1's stable checkpoint at 825), then copy rows of random tokens; decay 2400-3200.
-    "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2, steps=4200, stages=(
+    "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2, steps=4400, stages=(
         (825, {"retrieval_fraction": 0.3, "retrieval_pairs": 16}),
         (1025, {"retrieval_style": "repeat"}),  # 0 % retrieval at step 1000 with "assert"
         (1250, {"copy_fraction": 0.2}),  # still 0 % at 1175, even at distance 0: no copying yet
