@@ -95,8 +95,9 @@ class ModelSpec:
 
 
 SPECS = {
-    # Run 3: run 2's first 1650 steps unchanged (its stable checkpoint; run 2 itself began
-    # from run 1's stable checkpoint at 825), then copy rows of random tokens; decay 2400-3200.
+    # Run 4: run 3's first 2400 steps unchanged (its stable checkpoint; run 3 began from
+    # run 2's at 1650, run 2 from run 1's at 825), then scattered retrieval questions;
+    # decay 3300-4400.
     "tl-code": ModelSpec("tl-code", 384, 1024, 8, 6, 2, steps=4400, stages=(
         (825, {"retrieval_fraction": 0.3, "retrieval_pairs": 16}),
         (1025, {"retrieval_style": "repeat"}),  # 0 % retrieval at step 1000 with "assert"
@@ -120,48 +121,55 @@ SPECS = {
         (3250, {"retrieval_pairs": 32}),
     ), retrieval_style="assert", notes=[
         "Targets set by the project: held-out top-1 >= 55 %, retrieval >= 90 % at 2048. "
-        "Neither is reached (see the table). Run 3 moved top-1 from run 2's 38.3 % to 42.7 % "
-        "and retrieval at 512 / 1024 / 2048 tokens from 0 / 0 / 0 % to 40 / 38 / 20 %.",
-        "Run 3 (this model): 3200 steps of 4 x 2048 tokens (26.2 M tokens, ~9.7 epochs of the "
-        "2.7 M-token training split), AdamW lr 2e-3 warmup-stable-decay (linear decay over "
-        "steps 2400-3200), bf16 autocast on 2 CPU cores. Steps 0-1650 are run 2's (its stable "
-        "checkpoint; steps 0-825 are run 1's). The mixture changed in stages (`stages` in "
-        "the recipe): 30 % retrieval rows of 16 definitions and questions each (825), "
-        "passkey-style questions that restate `NAME =` (1025), copy rows in which a code span "
-        "recurs (1250, 1475), then copy rows of random-token spans recurring 3 times between "
-        "code (1650: 35 %; 2350: 45 %) and, from 2525, random spans over a 16-token alphabet "
-        "per row, so that only a multi-token match finds the place to copy from.",
-        "Why the random spans: run 2 (2200 steps, ending in a decay from 1650) never learned "
-        "to copy. Its card showed retrieval at 0 % even at distance 0, and a code span "
-        "repeated 50 tokens later predicted no better than its first occurrence. Code windows "
-        "and code-span copies did not make the copying (induction) mechanism emerge within "
-        "18 M tokens. A random token can only be predicted by copying its earlier "
-        "occurrence. With those rows, the probability the model gave a repeated random "
-        "span's tokens rose from chance (1e-4) at step 1650 to 0.012 (1800), 0.032 (1900), "
-        "0.12 (2050) and 0.32 (2175): copying emerged (an ad-hoc probe on 8 spans of 32 tokens; the card's "
-        "copy probability measures the same way on 16 spans: 0.161 for the final model, after "
-        "the 16-letter stage traded some single-token copying for multi-token matching). Retrieval did not follow at once: "
-        "`NAME =` has to be found whole among the code's many `=`, hence the 16-letter "
-        "spans from 2525. Retrieval at 512 tokens (20 teacher-forced prompts) was 0/20 up to "
-        "step 2625 and 3/20 at 2775.",
-        "Held-out top-1 (training-log estimate on 8 windows) went 33.2 % (1600) -> 38.0 % "
-        "(1900) -> 39.6 % (2200) -> 42.6 % (2700) -> 45.0 % (3200); run 2 ended at 40.2 %. The full held-out set (the table) gives 42.7 %.",
-        "Earlier hypothesis, now withdrawn: run 2's card blamed a flaw in the training setup, "
-        "because a 2-layer probe failed to learn repeated random spans in 3000 steps. A "
-        "probe with spans repeated at a fixed period learned in 150 steps, by position. The "
-        "same probe with variable gaps had not learned in 400 steps, and the 8-layer model "
-        "learned the same task within ~400 steps of seeing it. Nothing in the setup was "
-        "wrong; induction needs data that rewards it, and more of it than natural code gives "
-        "in this budget.",
+        "Neither is reached (see the table). Run 4 (this model) gives top-1 44.0 % "
+        "(run 3: 42.7 %, run 2: 38.3 %) and retrieval at 512 / 1024 / 2048 tokens of "
+        "75 / 76 / 70 % (run 3: 40 / 38 / 20 %, run 2: 0 / 0 / 0 %).",
+        "Run 4: 4400 steps of 4 x 2048 tokens (36.0 M tokens, ~13 epochs of the 2.7 M-token "
+        "training split), AdamW lr 2e-3 warmup-stable-decay (linear decay over steps "
+        "3300-4400), bf16 autocast on 2 CPU cores. Steps 0-2400 are run 3's (its stable "
+        "checkpoint; it began from run 2's at 1650, which began from run 1's at 825). The "
+        "mixture changed in stages (`stages` in the recipe): 30 % retrieval rows of 16 "
+        "definitions and questions each (825), passkey-style questions that restate "
+        "`NAME =` (1025), copy rows in which a code span recurs (1250, 1475), copy rows of "
+        "random-token spans recurring 3 times between code (1650: 35 %; 2350: 45 %), then "
+        "from 2400: 45 % retrieval rows whose questions are scattered through the code (each "
+        "follows code at a random point of a full-length row, as the evaluation asks its "
+        "one), 30 % copy rows of random spans over a 16-token alphabet per row (only a "
+        "multi-token match finds the place to copy from), and from 3250 32 questions per "
+        "retrieval row.",
+        "Why the scattered questions: run 3 asked its 16 questions as a block at the row's "
+        "end, so after the first one the format gave the task away; it reached 40 / 38 / 20 %. "
+        "With scattered questions, retrieval (an ad-hoc teacher-forced probe, 20 prompts "
+        "at 512 / 2048 tokens) went 1 / 1 (step 2600) -> 11 / 8 (2925) -> 8 / 10 (3175) -> "
+        "13 / 12 (3400) -> 14 / 13 (3600) -> 14 / 16 (3800) -> 15 / 16 (4000); the card's "
+        "figure (100 generated answers per length) is the final model's. From ~2900 the first answer token is right 19-20 "
+        "times out of 20; the misses copy a wrong middle token of the value (' 1', '64', "
+        "'99' answered ' 1', '80', '99'): after a common token such as ' 1' the model must "
+        "match the whole `NAME = 1`, not ' 1' alone, to find the right place. Doubling the "
+        "questions per row (3250) gave more of that signal. Still open: those near misses "
+        "are most of the remaining 25-30 %; a longer run of the same mixture was still "
+        "improving (the probe rose at every check) when this one's time ran out.",
+        "Why the random spans (run 3): runs 1 and 2 never learned to copy. Their cards "
+        "showed retrieval at 0 % even at distance 0. Code windows and code-span copies did "
+        "not make the copying (induction) mechanism emerge within 18 M tokens. A random "
+        "token can only be predicted by copying its earlier occurrence; with those rows the "
+        "probability given to a repeated random span rose from chance (1e-4) at step 1650 "
+        "to 0.32 at 2175. A 2-layer probe showed the same: spans repeated at a fixed period "
+        "were learned in 150 steps (by position), with variable gaps not in 400; nothing in "
+        "the training setup was wrong (run 2's card had suspected it).",
+        "Held-out top-1 (training-log estimate on 8 windows) went 33.2 % (1600) -> 39.6 % "
+        "(2200) -> 41.8 % (3400, before the decay) -> 46.3 % (4400). "
+        "The corpus is small for the model (~13 epochs), which bounds it; more steps, more "
+        "retrieval and copy rows and longer decays each moved it by a few points only.",
     ]),
     "tl-code-draft": ModelSpec("tl-code-draft", 192, 512, 4, 3, 1, lr=3e-3, steps=600,
                                retrieval_fraction=0.05, distill_from="tl-code", notes=[
         "FastDraft-style (arXiv 2411.11055): about half of the training rows are windows of "
         "600 k tokens that tl-code generated itself (temperature 0.7) from corpus prompts, the "
         "rest corpus windows; 600 steps of 4 x 2048 tokens.",
-        "The shipped weights were distilled from tl-code run 2 and not retrained for run 3 "
-        "(it still shares the tokenizer, so it drafts for run 3 unchanged); acceptance fell "
-        "with the new target (bench spec: MAT 1.56 on code against 1.95 with run 2).",
+        "The shipped weights were distilled from tl-code run 2 and not retrained for runs 3 "
+        "and 4 (it shares the tokenizer, so it drafts for them unchanged); acceptance fell "
+        "with the new target (bench spec on run 3: MAT 1.56 on code against 1.95 with run 2).",
     ]),
 }
 
