@@ -69,6 +69,8 @@ class Batches:
         asked = [pairs[i] for i in rng.permutation(len(pairs))] if len(pairs) > 1 else pairs
         if layout == "scattered":
             return self._scattered(rng, n, head, asked)
+        if layout != "block":  # a misspelt recipe must not train silently on the default
+            raise ValueError(f"unknown retrieval layout {layout!r}")
         tail = self.tok.encode("".join(q + a + "\n" for _, q, a in asked)).ids
         length = int(rng.integers(min(128, n // 4), n - 16))  # definition-to-question distance
         filler = self.window(rng, max(1, length - len(head) - len(tail)))
