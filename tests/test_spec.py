@@ -601,3 +601,16 @@ def test_recycling_tree_is_sized_from_the_measured_forward_cost(monkeypatch):
     assert with_chain + 11 in cpu
     assert all(rate(with_chain, 10, 1.0) >= rate(s - 11, 10, 1.0) for s in cpu if s > 11)
     assert sized(cpu, extra_nodes=10, extra_tokens=5.0) <= sized(cpu, extra_nodes=10)
+
+
+def test_forward_costs_are_non_decreasing_in_the_tree_size(tiny_lm):
+    """Timing noise must not make a bigger tree look cheaper than a smaller one: the
+    measured costs are fitted to a non-decreasing curve (pool adjacent violators)."""
+    from tokenlean.spec.budget import forward_costs, non_decreasing
+
+    assert non_decreasing([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert non_decreasing([5.0, 1.0, 0.0]) == [2.0, 2.0, 2.0]
+    assert non_decreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    costs = forward_costs(tiny_lm.model, sizes=(1, 4, 8), cached=16, rounds=2)
+    assert sorted(costs) == [1, 4, 8] and all(c > 0 for c in costs.values())
+    assert costs[1] <= costs[4] <= costs[8]

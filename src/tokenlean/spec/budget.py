@@ -7,6 +7,7 @@ tokens per step divided by the measured cost of a step.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -17,27 +18,45 @@ _cost_cache: dict[tuple, dict[int, float]] = {}
 
 
 @torch.inference_mode()
-def forward_costs(model, sizes=SIZES, cached: int = 512, repeats: int = 5) -> dict[int, float]:
-    """Median seconds of one forward of T new tokens over `cached` slots, for each T."""
+def forward_costs(model, sizes=SIZES, cached: int = 512, rounds: int = 7) -> dict[int, float]:
+    """Seconds of one forward of T new tokens over `cached` slots, for each T.
+
+    The sizes are timed in interleaved rounds, so that a burst of load from elsewhere
+    on the machine lands on all of them alike, and the per-size medians are made
+    non-decreasing in T: scoring more tokens never really costs less, and a noisy dip
+    would otherwise pick the tree size.
+    """
     key = (id(model), tuple(sizes), cached, torch.get_num_threads())
     if key in _cost_cache:
         return _cost_cache[key]
     cache = model.new_cache(cached + max(sizes))
     model(torch.zeros(1, cached, dtype=torch.long, device=model.device), cache=cache)
-    costs = {}
-    for size in sizes:
-        tokens = torch.zeros(1, size, dtype=torch.long, device=model.device)
-        times = []
-        for _ in range(repeats + 1):  # the first is a warm-up
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for round_ in range(rounds + 1):  # round 0 is a warm-up
+        for size in sizes:
+            tokens = torch.zeros(1, size, dtype=torch.long, device=model.device)
             cache.truncate(cached)
             start = time.perf_counter()
             model(tokens, cache=cache)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        costs[size] = sorted(times[1:])[len(times[1:]) // 2]
+            if round_:
+                times[size].append(time.perf_counter() - start)
+    medians = [statistics.median(times[size]) for size in sorted(sizes)]
+    costs = dict(zip(sorted(sizes), non_decreasing(medians)))
     _cost_cache[key] = costs
     return costs
+
+
+def non_decreasing(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in values:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, c2), (m1, c1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return [mean for mean, count in blocks for _ in range(count)]
 
 
 def best_size(costs: dict[int, float], expected_tokens: Callable[[int], float]) -> int:
