@@ -76,6 +76,8 @@ def test_bench_spec_writes_json_and_png(run, capsys):
         assert set(prompt["systems"]) == systems
     recycling = result["results"]["code"]["recycling"]
     assert "acceptance_per_depth" in recycling and "drafted_tokens" in recycling
+    assert result["results"]["code"]["recycling:num_nodes=16"]["tree_nodes"] == [16]
+    assert "tree_nodes" not in result["results"]["code"]["pld"]
     if importlib.util.find_spec("matplotlib") is not None:
         png = sorted(out.glob("spec-*.png"))
         assert png and png[-1].stat().st_size > 0

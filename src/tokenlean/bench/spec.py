@@ -397,6 +397,8 @@ def _figures(tasks, systems: list[System], runs: dict, n_new: int) -> tuple[dict
                     "median_verify_s": _median([sum(g["stats"].get("verify_s", 0) for g in rep)
                                                 for rep in per_repeat]),
                 }
+                if "tree_nodes" in stats[0]:  # sized for the device at start-up: record it
+                    entry["tree_nodes"] = sorted({s["tree_nodes"] for s in stats})
             task_results[system.label] = entry
             for i, out in enumerate(prompts_out):
                 runs_i = [rep[i] for rep in per_repeat]
