@@ -31,19 +31,19 @@ def forward_costs(model, sizes=SIZES, cached: int = 512, rounds: int = 7) -> dic
         return _cost_cache[key]
     cache = model.new_cache(cached + max(sizes))
     model(torch.zeros(1, cached, dtype=torch.long, device=model.device), cache=cache)
+    sizes = sorted(sizes)
+    inputs = {size: torch.zeros(1, size, dtype=torch.long, device=model.device) for size in sizes}
     times: dict[int, list[float]] = {size: [] for size in sizes}
     for round_ in range(rounds + 1):  # round 0 is a warm-up
         for size in sizes:
-            tokens = torch.zeros(1, size, dtype=torch.long, device=model.device)
             cache.truncate(cached)
             start = time.perf_counter()
-            model(tokens, cache=cache)
+            model(inputs[size], cache=cache)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             if round_:
                 times[size].append(time.perf_counter() - start)
-    medians = [statistics.median(times[size]) for size in sorted(sizes)]
-    costs = dict(zip(sorted(sizes), non_decreasing(medians)))
+    costs = dict(zip(sizes, non_decreasing([statistics.median(times[s]) for s in sizes])))
     _cost_cache[key] = costs
     return costs
 
