@@ -223,6 +223,31 @@ def test_random_copy_rows_repeat_random_spans(tiny_recipe):
     assert not np.array_equal(a, b)
 
 
+def test_value_copy_rows_repeat_retrieval_style_values(tiny_recipe):
+    """copy_source="values": spans of retrieval-style values (5-digit numbers, quoted
+    strings), each recurring `repeats` times with code between; an unknown source is refused."""
+    import re
+
+    from tokenizers import Tokenizer
+
+    from tokenlean.zoo.train import Batches
+
+    tok_path = recipe.train_tokenizer(recipe.work_dir())
+    tok = Tokenizer.from_file(str(tok_path))
+    blank = Batches(tiny_recipe, np.zeros(4096, dtype=np.uint16), tok, None)  # code -> token 0
+    for seed in range(5):
+        row = blank.copy(np.random.default_rng(seed), 1025, 3, source="values")
+        assert len(row) == 1025
+        spans = [tok.decode(run.tolist()) for run in np.split(row, np.flatnonzero(row == 0)) if len(run) > 1]
+        spans = [s for s in spans if s.strip()]
+        for text in spans[:-1]:  # the row's last span may be cut short
+            assert re.fullmatch(r"( (\d{5}|'[a-z0-9]{6}')){2,8}", text), text
+        firsts = spans[:-1:3]
+        assert firsts and all(spans[3 * i : 3 * i + 3] == [f] * 3 for i, f in enumerate(firsts[:-1]))
+    with pytest.raises(ValueError, match="copy source"):
+        blank.copy(np.random.default_rng(0), 1025, 3, source="riddles")
+
+
 def test_copy_probability_tells_a_copier_from_a_guesser(tiny_recipe):
     """The card's induction check: a model that copies the token 232 positions back (where
     the span's first occurrence is) scores ~1; a uniform guesser scores 1/vocab."""

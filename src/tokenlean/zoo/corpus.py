@@ -54,6 +54,13 @@ _WORDS = ("alpha", "beta", "cache", "delta", "epoch", "field", "gamma", "index",
           "limit", "level", "code", "key", "salt", "tag", "build", "mode", "retry", "shard")
 
 
+def random_value(rng: random.Random) -> str:
+    """A value as retrieval asks for it: a 5-digit number (70 %) or a quoted 6-character string."""
+    if rng.random() < 0.7:
+        return str(rng.randint(10_000, 99_999))
+    return repr("".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(6)))
+
+
 def retrieval_pair(rng: random.Random, style: str = "repeat") -> tuple[str, str, str]:
     """(header, question, answer): `NAME = VALUE` at the top, asked for at the end.
 
@@ -63,10 +70,7 @@ def retrieval_pair(rng: random.Random, style: str = "repeat") -> tuple[str, str,
     (" NAME", " ==") differ from the definition's; no run learned it.
     """
     name = "_".join(rng.sample(_WORDS, rng.choice((1, 2)))).upper()
-    if rng.random() < 0.7:
-        value = str(rng.randint(10_000, 99_999))
-    else:
-        value = repr("".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(6)))
+    value = random_value(rng)
     header = f"{name} = {value}\n\n"
     if style == "assert":
         return header, f"\n\nassert {name} ==", " " + value

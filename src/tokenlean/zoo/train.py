@@ -22,7 +22,7 @@ from rich.progress import Progress, TextColumn
 
 from tokenlean.errors import UserError
 from tokenlean.model import ModelConfig, Transformer
-from tokenlean.zoo.corpus import retrieval_pair
+from tokenlean.zoo.corpus import random_value, retrieval_pair
 from tokenlean.zoo.recipe import (
     EOS,
     SPECIAL_TOKENS,
@@ -98,6 +98,10 @@ class Batches:
         source "code": one code span; "random" / "ngram": see random_copies."""
         if source in ("random", "ngram"):
             return self.random_copies(rng, n, repeats, NGRAM_ALPHABET if source == "ngram" else 0)
+        if source == "values":
+            return self.value_copies(rng, n, repeats)
+        if source != "code":
+            raise ValueError(f"unknown copy source {source!r}")
         longest = min(257, n // (repeats + 1))  # 32-256 tokens where the row has room
         span = self.window(rng, int(rng.integers(min(32, longest - 1), longest)))
         parts = [span]
@@ -121,6 +125,22 @@ class Batches:
         while used < n:
             length = int(rng.integers(8, 65))
             span = rng.choice(letters, length) if alphabet else rng.integers(low, high, length)
+            for _ in range(repeats):
+                parts += [self.window(rng, int(rng.integers(1, 128))), span]
+                used += len(parts[-2]) + len(span)
+        return np.concatenate(parts)[:n]
+
+    def value_copies(self, rng: np.random.Generator, n: int, repeats: int) -> np.ndarray:
+        """Spans of 2-8 random values of the kind retrieval asks for (` 76510 'k3x9qa'`),
+        each recurring `repeats` times with code in between. Their tokens are alike (digit
+        pairs, letter pieces), so copying them right takes an exact match and an exact copy:
+        where tl-code run 5 missed retrieval, it had found the definition and then guessed a
+        look-alike of the value's middle token ("65" -> "14")."""
+        values = random.Random(int(rng.integers(1 << 62)))
+        parts, used = [], 0
+        while used < n:
+            text = "".join(" " + random_value(values) for _ in range(int(rng.integers(2, 9))))
+            span = np.asarray(self.tok.encode(text).ids, dtype=np.int64)
             for _ in range(repeats):
                 parts += [self.window(rng, int(rng.integers(1, 128))), span]
                 used += len(parts[-2]) + len(span)
