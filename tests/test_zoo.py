@@ -274,6 +274,38 @@ def test_copy_probability_tells_a_copier_from_a_guesser(tiny_recipe):
     assert abs(guessed - 1 / vocab) < 1e-6
 
 
+def test_card_measures_memorisation_on_the_training_split(tiny_recipe):
+    """next_token_metrics scores a window exactly (an oracle that reads the next token gets
+    top-1 1 and loss ~0, a uniform guesser loss log(vocab)); the card reports the training
+    split beside the held-out figures."""
+    import math
+    from types import SimpleNamespace
+
+    from tokenlean.zoo.build import card_markdown, next_token_metrics, train_split_metrics
+
+    recipe.train_tokenizer(recipe.work_dir())
+    vocab, stream = 64, np.arange(200) % 64
+
+    def oracle(x):  # row i puts all its weight on x[i + 1], which is (x[i] + 1) % vocab here
+        return 50.0 * torch.nn.functional.one_hot((x + 1) % vocab, vocab).float()
+
+    config = SimpleNamespace(vocab_size=vocab)
+    loss, top1, count = next_token_metrics(SimpleNamespace(model=_Model(oracle, config)), stream, 16, [0, 50, 100])
+    assert top1 == 1.0 and loss < 1e-6 and count == 48
+    loss, top1, _ = next_token_metrics(SimpleNamespace(model=_Model(lambda x: torch.zeros(1, x.shape[1], vocab), config)),
+                                       stream, 16, [0])
+    assert abs(loss - math.log(vocab)) < 1e-5
+
+    big = SimpleNamespace(model=_Model(lambda x: torch.zeros(1, x.shape[1], 8192), SimpleNamespace(vocab_size=8192)))
+    figures = train_split_metrics(big, 32, windows=2)
+    assert figures["train_split_tokens"] == 64 and figures["train_split_top1"] < 0.5
+    card = {"name": "tiny", "parameters": 1e6, "context": 32, "vocab_size": 8192, "machine": "cpu",
+            "heldout_loss": 3.0, "heldout_perplexity": 20.1, "heldout_tokens": 10, "heldout_top1": 0.4,
+            "retrieval_samples": 1, "samples": [], **{f"retrieval_{n}": 0.5 for n in (512, 1024, 2048)},
+            **figures}
+    assert "training-split loss / top-1" in card_markdown(card, tiny_recipe)
+
+
 class _Model:
     """Stands in for a Transformer: logits from a function of the token ids."""
 

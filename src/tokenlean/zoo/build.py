@@ -66,11 +66,10 @@ def training_summary(name: str) -> dict:
 
 
 @torch.no_grad()
-def heldout_metrics(lm, context: int) -> dict:
-    """Loss, perplexity and next-token top-1 accuracy over every held-out token."""
-    stream = token_stream("heldout", work_dir() / "tokenizer.json")
+def next_token_metrics(lm, stream: np.ndarray, context: int, starts) -> tuple[float, float, int]:
+    """Mean loss, top-1 accuracy and token count over windows of `stream` at `starts`."""
     total_loss, hits, count = 0.0, 0, 0
-    for start in range(0, len(stream) - 1, context):
+    for start in starts:
         x = torch.from_numpy(stream[start : start + context + 1].astype(np.int64))[None]
         if x.shape[1] < 2:
             break
@@ -78,10 +77,25 @@ def heldout_metrics(lm, context: int) -> dict:
         total_loss += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
         hits += (logits.argmax(-1) == x[0, 1:]).sum().item()
         count += x.shape[1] - 1
-    loss = total_loss / count
+    return total_loss / count, hits / count, count
+
+
+def heldout_metrics(lm, context: int) -> dict:
+    """Loss, perplexity and next-token top-1 accuracy over every held-out token."""
+    stream = token_stream("heldout", work_dir() / "tokenizer.json")
+    loss, top1, count = next_token_metrics(lm, stream, context, range(0, len(stream) - 1, context))
     return {"heldout_tokens": count, "heldout_loss": round(loss, 4),
-            "heldout_perplexity": round(float(np.exp(loss)), 3),
-            "heldout_top1": round(hits / count, 4)}
+            "heldout_perplexity": round(float(np.exp(loss)), 3), "heldout_top1": round(top1, 4)}
+
+
+def train_split_metrics(lm, context: int, windows: int = 32) -> dict:
+    """The same on evenly spaced windows of the training split: the gap to the held-out
+    figures shows how much of what the model predicts it has memorised."""
+    stream = token_stream("train", work_dir() / "tokenizer.json")
+    starts = np.linspace(0, len(stream) - context - 1, windows).astype(int)
+    loss, top1, count = next_token_metrics(lm, stream, context, starts)
+    return {"train_split_tokens": count, "train_split_loss": round(loss, 4),
+            "train_split_top1": round(top1, 4)}
 
 
 def retrieval_accuracy(lm, length: int, samples: int, seed: int = 1234) -> float:
@@ -140,6 +154,7 @@ def write_card(name: str, quick: bool = False) -> dict:
                    f"{platform.processor() or 'cpu'}; Python {platform.python_version()}",
     }
     card.update(heldout_metrics(lm, spec.context))
+    card.update(train_split_metrics(lm, spec.context, windows=4 if quick else 32))
     card["copy_probability"] = round(copy_probability(lm), 4)
     samples = 20 if quick else 100
     for length in RETRIEVAL_LENGTHS:
@@ -184,6 +199,10 @@ def card_markdown(card: dict, spec) -> str:
         f"({card['heldout_tokens']} tokens) |",
         f"| held-out next-token top-1 | {pct(card['heldout_top1'])} |",
     ]
+    if "train_split_top1" in card:
+        lines.append(f"| training-split loss / top-1 (memorisation check) | "
+                     f"{card['train_split_loss']} / {pct(card['train_split_top1'])} "
+                     f"({card['train_split_tokens']} tokens) |")
     if "copy_probability" in card:
         lines.append(f"| copying: probability of a repeated random span | "
                      f"{card['copy_probability']:.3f} (chance {1 / card['vocab_size']:.5f}) |")
