@@ -248,6 +248,19 @@ def test_value_copy_rows_repeat_retrieval_style_values(tiny_recipe):
         blank.copy(np.random.default_rng(0), 1025, 3, source="riddles")
 
 
+def test_residual_dropout_acts_only_while_training(tiny_recipe):
+    from dataclasses import replace
+
+    from tokenlean.zoo.train import new_model
+
+    x = torch.randint(0, 8192, (1, 16))
+    plain, dropped = new_model(tiny_recipe), new_model(replace(tiny_recipe, dropout=0.5))
+    assert torch.equal(plain(x), plain(x))  # no dropout by default, even in train mode
+    assert not torch.equal(dropped(x), dropped(x))
+    dropped.eval()
+    assert torch.equal(dropped(x), dropped(x)) and torch.allclose(dropped(x), plain.eval()(x))
+
+
 def test_copy_probability_tells_a_copier_from_a_guesser(tiny_recipe):
     """The card's induction check: a model that copies the token 232 positions back (where
     the span's first occurrence is) scores ~1; a uniform guesser scores 1/vocab."""

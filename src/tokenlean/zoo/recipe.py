@@ -59,6 +59,7 @@ class ModelSpec:
     # "ngram": random spans over a 16-token alphabet per row (copying needs a multi-token match);
     # "values": spans of random retrieval-style values (look-alike digit and letter tokens)
     seed: int = 0
+    dropout: float = 0.0  # residual dropout while training (attention and MLP outputs)
     distill_from: str | None = None  # FastDraft: also train on this model's continuations
     distill_tokens: int = 600_000
     # Curriculum: (first step, changed fields) in step order, e.g. more retrieval documents

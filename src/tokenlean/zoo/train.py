@@ -193,7 +193,17 @@ def new_model(spec: ModelSpec) -> Transformer:
         if p.dim() == 2:
             std = 0.02 / math.sqrt(2 * spec.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
             torch.nn.init.normal_(p, std=std)
+    if spec.dropout:
+        add_residual_dropout(model, spec.dropout)
     return model
+
+
+def add_residual_dropout(model: Transformer, p: float) -> None:
+    """Dropout on each attention and MLP output while the model trains (GPT-2 style), for a
+    corpus the model sees many times over; eval() turns it off, and export ignores it."""
+    for layer in model.model.layers:
+        for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            module.register_forward_hook(lambda m, inputs, out: F.dropout(out, p, m.training))
 
 
 @torch.no_grad()
