@@ -86,6 +86,28 @@ def test_interrupted_training_equals_uninterrupted(tiny_recipe, tmp_path, monkey
         assert torch.equal(one[key], two[key]), key
 
 
+def test_a_run_regrouped_midway_with_dropout_resumes_exactly(tiny_recipe, tmp_path, monkeypatch):
+    """kv_heads_before: 1 KV head for steps 0-1, then 2 (zoo.regroup), with dropout; a run
+    stopped before and at the regrouping and resumed ends with the uninterrupted run's weights."""
+    from dataclasses import replace
+
+    from tokenlean.zoo.train import train
+
+    monkeypatch.setitem(SPECS, "tiny", replace(tiny_recipe, num_key_value_heads=2, kv_heads_before=(2, 1),
+                                               dropout=0.1))
+    said = []
+    one = torch.load(train("tiny", threads=1, log=said.append), map_location="cpu")["model"]
+    assert "regrouped to 2 KV heads at step 2" in " ".join(said)
+    assert one["model.layers.0.self_attn.k_proj.weight"].shape[0] == 2 * 16
+    for stops in ((1, 2), (2, 3)):
+        monkeypatch.setenv("TOKENLEAN_HOME", str(tmp_path / f"home-{stops[0]}"))
+        for stop in stops:
+            train("tiny", threads=1, log=said.append, stop_at=stop)
+        two = torch.load(train("tiny", threads=1, log=said.append), map_location="cpu")["model"]
+        for key in one:
+            assert torch.equal(one[key], two[key]), (stops, key)
+
+
 def test_export_loads_in_tokenlean_and_transformers(tiny_recipe, tmp_path):
     transformers = pytest.importorskip("transformers")
     from tokenlean.lm import load
@@ -327,3 +349,51 @@ class _Model:
 
     def __call__(self, x):
         return self.fn(x)
+
+
+def _gqa_model(kv: int, seed: int = 0):
+    from tokenlean.model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 48, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": kv,
+              "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
+    model = Transformer(ModelConfig.from_hf(config))
+    for p in model.parameters():  # random weights everywhere, so every head matters
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def test_regrouping_kv_heads_keeps_every_head_that_keeps_its_keys_and_values():
+    from tokenlean.zoo.regroup import changed_heads, head_layout, regroup
+
+    assert head_layout(6, 2, 3) == ([0, 1, 3, 4, 2, 5], [0, 1, 0])
+    assert head_layout(6, 2, 6) == ([0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 1, 1])
+    assert changed_heads(6, 2, 3) == [5] and changed_heads(6, 2, 6) == []
+    with pytest.raises(ValueError, match="regroup"):
+        head_layout(6, 2, 4)
+
+    x = torch.randint(0, 64, (1, 12))
+    old = _gqa_model(2)
+    names = [name for name, _ in old.named_parameters()]
+    opt = torch.optim.AdamW(old.parameters())
+    old(x).sum().backward()
+    opt.step()
+    for new_kv in (3, 6):
+        for head in changed_heads(6, 2, new_kv):  # silence the heads whose input changes
+            for layer in old.model.layers:
+                layer.self_attn.o_proj.weight.data[:, head * 8 : (head + 1) * 8] = 0
+        state, moments = regroup(old.state_dict(), opt.state_dict(), names, 6, 8, 2, new_kv)
+        new = _gqa_model(new_kv, seed=1)
+        new.load_state_dict(state)
+        assert torch.allclose(new(x), old(x), atol=1e-5)
+        new_opt = torch.optim.AdamW(new.parameters())
+        new_opt.load_state_dict(moments)  # shapes fit the new layout
+        k = names.index("model.layers.0.self_attn.k_proj.weight")
+        assert new_opt.state_dict()["state"][k]["exp_avg"].shape == (new_kv * 8, 48)
+    # regrouping changes the function of the mixed group's other head when it is not silenced
+    fresh = _gqa_model(2)
+    state, _ = regroup(fresh.state_dict(), None, names, 6, 8, 2, 3)
+    new = _gqa_model(3, seed=1)
+    new.load_state_dict(state)
+    assert not torch.allclose(new(x), fresh(x), atol=1e-3)

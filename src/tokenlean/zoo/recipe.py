@@ -60,6 +60,9 @@ class ModelSpec:
     # "values": spans of random retrieval-style values (look-alike digit and letter tokens)
     seed: int = 0
     dropout: float = 0.0  # residual dropout while training (attention and MLP outputs)
+    # (step, heads): the run had `heads` KV heads before `step`, then was regrouped to
+    # num_key_value_heads (zoo.regroup), keeping what it had learned
+    kv_heads_before: tuple[int, int] | None = None
     distill_from: str | None = None  # FastDraft: also train on this model's continuations
     distill_tokens: int = 600_000
     # Curriculum: (first step, changed fields) in step order, e.g. more retrieval documents

@@ -1,7 +1,8 @@
 """Train a zoo model on CPU, checkpointing as it goes and resuming where it stopped.
 
-The batch of step s is a pure function of (seed, s), so a run interrupted and
-resumed any number of times gives the same model as one uninterrupted run.
+The batch of step s (and its dropout masks) is a pure function of (seed, s), so a
+run interrupted and resumed any number of times gives the same model as one
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -223,6 +224,39 @@ def heldout_loss(model: Transformer, heldout: np.ndarray, context: int, windows:
     return float(np.mean(losses)), hits / total
 
 
+def kv_heads(model: Transformer) -> int:
+    return model.config.num_key_value_heads
+
+
+def model_and_optimizer(spec: ModelSpec, state: dict | None = None):
+    """The model and its AdamW, fresh or from a checkpoint `state`, in the checkpoint's
+    layout (a run regrouped later, `kv_heads_before`, starts with fewer KV heads)."""
+    if state is not None:
+        k_rows = state["model"]["model.layers.0.self_attn.k_proj.weight"].shape[0]
+        spec = replace(spec, num_key_value_heads=k_rows // (spec.hidden_size // spec.num_attention_heads))
+    elif spec.kv_heads_before:
+        spec = replace(spec, num_key_value_heads=spec.kv_heads_before[1])
+    model = new_model(spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    return model, opt
+
+
+def regrouped(spec: ModelSpec, model: Transformer, opt):
+    """Model and optimiser moved to the spec's KV head count (zoo.regroup)."""
+    from tokenlean.zoo.regroup import regroup
+
+    names = [name for name, _ in model.named_parameters()]
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    weights, moments = regroup(model.state_dict(), opt.state_dict(), names, spec.num_attention_heads,
+                               head_dim, kv_heads(model), spec.num_key_value_heads)
+    model, opt = model_and_optimizer(spec, {"model": weights, "opt": moments})
+    model.train()
+    return model, opt
+
+
 def save_checkpoint(path: Path, model, opt, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
@@ -248,15 +282,12 @@ def train(name: str, steps: int | None = None, threads: int = 2, log=print,
         extra = distillation_data(spec, run, stream, tokenizer.token_to_id(EOS))
     batches = Batches(spec, stream, tokenizer, extra)
 
-    model = new_model(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    ckpt, step = run / "ckpt.pt", 0
+    ckpt, step, state = run / "ckpt.pt", 0, None
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
         step = state["step"]
         log(f"{name}: resumed at step {step}/{spec.steps}")
+    model, opt = model_and_optimizer(spec, state)
     model.train()
     decay_start = int(spec.steps * (1 - spec.decay_fraction))
     end = min(spec.steps, stop_at or spec.steps)
@@ -266,9 +297,13 @@ def train(name: str, steps: int | None = None, threads: int = 2, log=print,
     with open(run / "log.jsonl", "a") as logf, progress:
         t0 = time.time()
         while step < end:
+            if spec.kv_heads_before and step >= spec.kv_heads_before[0] and kv_heads(model) != spec.num_key_value_heads:
+                model, opt = regrouped(spec, model, opt)
+                log(f"{name}: regrouped to {spec.num_key_value_heads} KV heads at step {step}")
             for group in opt.param_groups:
                 group["lr"] = lr_at(spec, step)
             x = batches(step)
+            torch.manual_seed(spec.seed * 1_000_003 + step)  # dropout masks: a function of the step too
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model(x[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
