@@ -96,7 +96,8 @@ class Batches:
              source: str = "code") -> np.ndarray:
         """A span recurring `repeats` times between other code: every occurrence after the
         first is predictable only by finding and copying an earlier one (what retrieval needs).
-        source "code": one code span; "random" / "ngram": see random_copies."""
+        source "code": one code span; "random" / "ngram": see random_copies; "values": see
+        value_copies."""
         if source in ("random", "ngram"):
             return self.random_copies(rng, n, repeats, NGRAM_ALPHABET if source == "ngram" else 0)
         if source == "values":
