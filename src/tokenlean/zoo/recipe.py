@@ -174,7 +174,8 @@ SPECS = {
         "yet) in a run from scratch is the next thing to try.",
         "Next for retrieval: the three copy heads share one 64-dim value. `zoo/regroup.py` "
         "(recipe field `kv_heads_before`) regroups a trained model to 3 KV heads, keeping "
-        "every head whose keys and values it keeps; no run has used it yet.",
+        "every head whose keys and values it keeps; run 7 (recipe `tl-code-next`, not shipped) "
+        "is training with it.",
         "Why the scattered questions: run 3 asked its 16 questions as a block at the row's "
         "end, so after the first one the format gave the task away; it reached 40 / 38 / 20 %. "
         "With scattered questions, retrieval (an ad-hoc teacher-forced probe, 20 prompts "

@@ -123,14 +123,12 @@ class Batches:
         (as `NAME =` must be matched whole among the code's many `=`)."""
         low, high = len(SPECIAL_TOKENS), self.tok.get_vocab_size()
         letters = rng.choice(np.arange(low, high), alphabet, replace=False) if alphabet else None
-        parts, used = [], 0
-        while used < n:
+
+        def span():
             length = int(rng.integers(8, 65))
-            span = rng.choice(letters, length) if alphabet else rng.integers(low, high, length)
-            for _ in range(repeats):
-                parts += [self.window(rng, int(rng.integers(1, 128))), span]
-                used += len(parts[-2]) + len(span)
-        return np.concatenate(parts)[:n]
+            return rng.choice(letters, length) if alphabet else rng.integers(low, high, length)
+
+        return self._recurring(rng, n, repeats, span)
 
     def value_copies(self, rng: np.random.Generator, n: int, repeats: int) -> np.ndarray:
         """Spans of 2-8 random values of the kind retrieval asks for (` 76510 'k3x9qa'`),
@@ -139,10 +137,19 @@ class Batches:
         where tl-code run 5 missed retrieval, it had found the definition and then guessed a
         look-alike of the value's middle token ("65" -> "14")."""
         values = random.Random(int(rng.integers(1 << 62)))
+
+        def span():
+            text = "".join(" " + random_value(values) for _ in range(int(rng.integers(2, 9))))
+            return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
+
+        return self._recurring(rng, n, repeats, span)
+
+    def _recurring(self, rng: np.random.Generator, n: int, repeats: int, new_span) -> np.ndarray:
+        """A row of spans from `new_span()`, each recurring `repeats` times, every occurrence
+        after 1-127 tokens of code."""
         parts, used = [], 0
         while used < n:
-            text = "".join(" " + random_value(values) for _ in range(int(rng.integers(2, 9))))
-            span = np.asarray(self.tok.encode(text).ids, dtype=np.int64)
+            span = new_span()
             for _ in range(repeats):
                 parts += [self.window(rng, int(rng.integers(1, 128))), span]
                 used += len(parts[-2]) + len(span)
@@ -229,12 +236,16 @@ def kv_heads(model: Transformer) -> int:
     return model.config.num_key_value_heads
 
 
+def head_dim(spec: ModelSpec) -> int:
+    return spec.hidden_size // spec.num_attention_heads
+
+
 def model_and_optimizer(spec: ModelSpec, state: dict | None = None):
     """The model and its AdamW, fresh or from a checkpoint `state`, in the checkpoint's
     layout (a run regrouped later, `kv_heads_before`, starts with fewer KV heads)."""
     if state is not None:
         k_rows = state["model"]["model.layers.0.self_attn.k_proj.weight"].shape[0]
-        spec = replace(spec, num_key_value_heads=k_rows // (spec.hidden_size // spec.num_attention_heads))
+        spec = replace(spec, num_key_value_heads=k_rows // head_dim(spec))
     elif spec.kv_heads_before:
         spec = replace(spec, num_key_value_heads=spec.kv_heads_before[1])
     model = new_model(spec)
@@ -250,9 +261,8 @@ def regrouped(spec: ModelSpec, model: Transformer, opt):
     from tokenlean.zoo.regroup import regroup
 
     names = [name for name, _ in model.named_parameters()]
-    head_dim = spec.hidden_size // spec.num_attention_heads
     weights, moments = regroup(model.state_dict(), opt.state_dict(), names, spec.num_attention_heads,
-                               head_dim, kv_heads(model), spec.num_key_value_heads)
+                               head_dim(spec), kv_heads(model), spec.num_key_value_heads)
     model, opt = model_and_optimizer(spec, {"model": weights, "opt": moments})
     model.train()
     return model, opt
