@@ -324,3 +324,19 @@ def test_packed_projections_match_plain_ones(family, tmp_path):
     assert_close(packed(seq)[0], plain(seq)[0], "packed vs plain projections")
     half = load_model(tmp_path, device="cpu", dtype="fp16")  # no packed fp16 kernels: plain path
     assert not any(isinstance(m, PackedLinear) for m in half.modules())
+
+
+# --- sharded checkpoints ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@torch.no_grad()
+def test_sharded_checkpoint_loads_like_one_file(family, tmp_path):
+    """Big hub checkpoints come as model-0000N-of-0000M.safetensors + an index: read them all."""
+    hf = make_hf_model(family)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    seq = random_tokens(PROMPT_LEN, seed=8)
+    assert_close(load_model(tmp_path, device="cpu", dtype="fp32")(seq)[0], hf_logits(hf, seq)[0],
+                 "sharded checkpoint")

@@ -397,3 +397,24 @@ def test_regrouping_kv_heads_keeps_every_head_that_keeps_its_keys_and_values():
     new = _gqa_model(3, seed=1)
     new.load_state_dict(state)
     assert not torch.allclose(new(x), fresh(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["tl-code", "tl-code-draft"])
+@torch.no_grad()
+def test_shipped_models_load_in_transformers_as_in_tokenlean(name):
+    """The peers run on the very folders we ship: same token ids, same logits (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenlean.lm import load
+    from tokenlean.zoo import zoo_path
+
+    folder = zoo_path(name)
+    if folder is None:
+        pytest.skip(f"{name} is not shipped in this checkout")
+    text = "import os\n\n\ndef list_python_files(root):\n    for entry in os.scandir(root):"
+    ours = load(str(folder), device="cpu", dtype="fp32")
+    ids = ours.encode(text)
+    assert transformers.AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    diff = (ours.model(x)[0] - hf(x).logits[0]).abs().max().item()
+    assert diff < 1e-3, f"{name}: max abs logit diff {diff:.2e}"

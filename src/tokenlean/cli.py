@@ -10,7 +10,7 @@ import sys
 from tokenlean.errors import UserError
 
 
-def _int_at_least(low: int):
+def _int_in(low: int, high: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -18,13 +18,15 @@ def _int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
 
     return parse
 
 
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
+_positive_int = _int_in(1)
+_non_negative_int = _int_in(0)
 
 
 def _float_in(low: float, high: float, low_open: bool = False):
@@ -58,7 +60,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling mass (default 1.0 = off)")
     p.add_argument("--top-k", type=_non_negative_int, default=0,
                    help="sample among the k most likely tokens (default 0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--seed", type=_int_in(0, 2**64 - 1), default=None,
+                   help="random seed for reproducible sampling (0 to 2**64-1)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop string (repeatable); the text is cut before it")
 
@@ -87,8 +90,15 @@ def add_bench_run_args(p: argparse.ArgumentParser, prompts: int, prompts_help: s
                    help=f"torch threads {threads_help} (default: torch's)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error on one line (like every other bad input), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"tokenlean: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tokenlean",
         description="Token-efficient LLM inference: lossless speculative decoding, "
                     "KV-cache compression and side-by-side benchmarks.",
@@ -271,8 +281,9 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from tokenlean.bench.report import table_console
 
     table = Table(title="embedded models")
     for col in ("name", "parameters", "context", "train tokens", "held-out top-1", "retrieval@2048"):
@@ -285,7 +296,7 @@ def cmd_models(args) -> int:
         table.add_row(r["name"], f"{r.get('parameters', 0) / 1e6:.1f} M", fmt(r, "context"),
                       f"{r.get('train_tokens', 0) / 1e6:.1f} M",
                       fmt(r, "heldout_top1", 100, " %"), fmt(r, "retrieval_2048", 100, " %"))
-    Console().print(table)
+    table_console().print(table)
     if not rows:
         print("no embedded models installed; train one with: tokenlean zoo train tl-code")
     return 0

@@ -27,6 +27,8 @@ class SamplingParams:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise UserError(f"seed must be in [0, 2**64 - 1], got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -46,7 +48,9 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits.float()
     if params.greedy:  # the one-hot distribution of the argmax
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / params.temperature
+    # shift before dividing, so a tiny temperature tends to the argmax instead of inf / nan
+    # (below 1e-30, which float32 still holds, the distribution is the argmax's anyway)
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(params.temperature, 1e-30)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

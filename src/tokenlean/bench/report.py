@@ -13,6 +13,15 @@ from pathlib import Path
 import torch
 
 
+def table_console(file=None):
+    """A rich console for tables: a pipe or file gets 160 columns, not rich's 80, so that
+    `tokenlean ... | tee log` keeps whole names and figures instead of squeezing them."""
+    from rich.console import Console
+
+    console = Console(file=file or sys.stdout)
+    return console if console.is_terminal else Console(file=file or sys.stdout, width=160)
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -76,10 +85,9 @@ def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
 
 
 def print_decode_table(result: dict, json_path: Path | None = None, file=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=file or sys.stdout)
+    console = table_console(file)
     setup = result["setup"]
     title = (f"decode: {result['model']['name']}, {setup['dtype']} on {setup['device']}, "
              f"{setup['threads']} thread{'s' if setup['threads'] != 1 else ''}, {setup['prompts']} prompts x {setup['prompt_tokens']} "
@@ -116,10 +124,9 @@ def print_decode_table(result: dict, json_path: Path | None = None, file=None) -
 def print_spec_table(result: dict, json_path: Path | None = None, png_path: Path | None = None,
                      plot_note: str | None = None, file=None) -> None:
     """One row per (task, system): MAT, tokens/s, speedup over tokenlean greedy, exact."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=file or sys.stdout)
+    console = table_console(file)
     setup = result["setup"]
     title = (f"spec: {result['model']['name']}, {setup['dtype']} on {setup['device']}, "
              f"{setup['threads']} thread{'s' if setup['threads'] != 1 else ''}, "

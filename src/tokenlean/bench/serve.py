@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tokenlean.bench.report import _fmt, machine_info, utc_now, write_json
+from tokenlean.bench.report import _fmt, machine_info, table_console, utc_now, write_json
 from tokenlean.errors import UserError
 
 SEED = 0
@@ -434,10 +434,9 @@ def _run_with_progress(base_url, model, prompts, args):
 
 
 def print_serve_table(result: dict, json_path: Path | None = None, file=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=file or sys.stdout)
+    console = table_console(file)
     s, server = result["setup"], result["server"]
     rate = "inf" if s["request_rate"] is None else f"{s['request_rate']:g}"
     method = server["method"] or "external server"

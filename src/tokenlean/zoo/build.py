@@ -19,10 +19,12 @@ from tokenlean.zoo.corpus import HELD_OUT, retrieval_pair
 from tokenlean.zoo.recipe import SPECS, token_stream, tokenizer_files, work_dir
 
 RETRIEVAL_LENGTHS = (512, 1024, 2048)
+# Prompts end at the colon, not a newline: the tokenizer merges a newline with the indent
+# after it, so a lone trailing "\n" reads as a blank line and derails the completion.
 SAMPLE_PROMPTS = (
-    "def fibonacci(n):\n",
-    "class Stack:\n    \"\"\"A last-in first-out stack.\"\"\"\n\n    def __init__(self):\n",
-    "import os\n\n\ndef list_python_files(root):\n",
+    "def fibonacci(n):",
+    "class Stack:\n    \"\"\"A last-in first-out stack.\"\"\"\n\n    def __init__(self):",
+    "import os\n\n\ndef list_python_files(root):",
 )
 
 
