@@ -170,6 +170,9 @@ def test_errors_in_openai_shape(server, tiny_model_dir):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt="x", top_p=0)
     _error(e, 400)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="x", temperature=1, seed=2**64)
+    assert "seed" in _error(e, 400)["message"]
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="no-such-model", prompt="x")
     assert _error(e, 404)["param"] == "model"
