@@ -283,6 +283,34 @@ def test_residual_dropout_acts_only_while_training(tiny_recipe):
     assert torch.equal(dropped(x), dropped(x)) and torch.allclose(dropped(x), plain.eval()(x))
 
 
+def test_a_stage_turns_dropout_on_and_a_resumed_run_follows_it(tiny_recipe, tmp_path, monkeypatch):
+    """stages=((2, {"dropout": 0.5}),): no dropout for steps 0-1, then dropout; the weights
+    differ from a run without the stage, and a run stopped at step 2 and resumed matches."""
+    from dataclasses import replace
+
+    from tokenlean.zoo.train import new_model, train
+
+    staged = replace(tiny_recipe, stages=((2, {"dropout": 0.5}),))
+    model, x = new_model(staged), torch.randint(0, 8192, (1, 16))
+    assert model.residual_dropout == 0.0 and torch.equal(model(x), model(x))
+    model.residual_dropout = staged.at(2).dropout
+    assert not torch.equal(model(x), model(x))
+
+    def weights(spec, home, stops=()):
+        monkeypatch.setenv("TOKENLEAN_HOME", str(tmp_path / home))
+        monkeypatch.setitem(SPECS, "tiny", spec)
+        for stop in stops:
+            train("tiny", threads=1, log=lambda _: None, stop_at=stop)
+        return torch.load(train("tiny", threads=1, log=lambda _: None), map_location="cpu")["model"]
+
+    plain, one, two = (weights(tiny_recipe, "plain"), weights(staged, "one"),
+                       weights(staged, "two", stops=(2,)))
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(plain[key], one[key])
+    for key in one:
+        assert torch.equal(one[key], two[key]), key
+
+
 def test_copy_probability_tells_a_copier_from_a_guesser(tiny_recipe):
     """The card's induction check: a model that copies the token 232 positions back (where
     the span's first occurrence is) scores ~1; a uniform guesser scores 1/vocab."""

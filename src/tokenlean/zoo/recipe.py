@@ -59,7 +59,8 @@ class ModelSpec:
     # "ngram": random spans over a 16-token alphabet per row (copying needs a multi-token match);
     # "values": spans of random retrieval-style values (look-alike digit and letter tokens)
     seed: int = 0
-    dropout: float = 0.0  # residual dropout while training (attention and MLP outputs)
+    dropout: float = 0.0  # residual dropout while training (attention and MLP outputs);
+    # a stage may change it (the rate is set at every step)
     # (step, heads): the run had `heads` KV heads before `step`, then was regrouped to
     # num_key_value_heads (zoo.regroup), keeping what it had learned
     kv_heads_before: tuple[int, int] | None = None
@@ -171,7 +172,8 @@ SPECS = {
         "more steps widen the gap instead of closing it. 55 % held out would need more "
         "distinct code than the standard library without its tests, or much stronger "
         "regularisation: residual dropout (`dropout` in the recipe, not used by any run "
-        "yet) in a run from scratch is the next thing to try.",
+        "yet; a stage can switch it on, so it can be tried from a stable checkpoint as well "
+        "as from scratch) is the next thing to try.",
         "Run 7 (`tokenlean zoo train tl-code-next --steps 6000`, trained, not shipped): in run 6 the three copy heads "
         "share one 64-dim value (one KV group). Run 7 took run 6's stable checkpoint (4050), "
         "regrouped it from 2 to 3 KV heads (`zoo/regroup.py`, recipe field "

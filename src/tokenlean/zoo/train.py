@@ -202,17 +202,20 @@ def new_model(spec: ModelSpec) -> Transformer:
         if p.dim() == 2:
             std = 0.02 / math.sqrt(2 * spec.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
             torch.nn.init.normal_(p, std=std)
-    if spec.dropout:
+    if spec.dropout or any("dropout" in changes for _, changes in spec.stages):
         add_residual_dropout(model, spec.dropout)
     return model
 
 
 def add_residual_dropout(model: Transformer, p: float) -> None:
     """Dropout on each attention and MLP output while the model trains (GPT-2 style), for a
-    corpus the model sees many times over; eval() turns it off, and export ignores it."""
+    corpus the model sees many times over; eval() turns it off, and export ignores it.
+    The rate is read at each call from `model.residual_dropout`, so a stage can change it."""
+    model.residual_dropout = p
     for layer in model.model.layers:
         for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            module.register_forward_hook(lambda m, inputs, out: F.dropout(out, p, m.training))
+            module.register_forward_hook(
+                lambda m, inputs, out: F.dropout(out, model.residual_dropout, m.training))
 
 
 @torch.no_grad()
@@ -313,6 +316,8 @@ def train(name: str, steps: int | None = None, threads: int = 2, log=print,
                 log(f"{name}: regrouped to {spec.num_key_value_heads} KV heads at step {step}")
             for group in opt.param_groups:
                 group["lr"] = lr_at(spec, step)
+            if hasattr(model, "residual_dropout"):  # the rate in force at this step (stages)
+                model.residual_dropout = spec.at(step).dropout
             x = batches(step)
             torch.manual_seed(spec.seed * 1_000_003 + step)  # dropout masks: a function of the step too
             with torch.autocast("cpu", dtype=torch.bfloat16):
