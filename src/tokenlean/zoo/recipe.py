@@ -174,8 +174,9 @@ SPECS = {
         "regularisation: residual dropout (`dropout` in the recipe, not used by any run "
         "yet; a stage can switch it on, so it can be tried from a stable checkpoint as well "
         "as from scratch) is the next thing to try.",
-        "Run 7 (`tokenlean zoo train tl-code-next --steps 6000`, trained, not shipped): in run 6 the three copy heads "
-        "share one 64-dim value (one KV group). Run 7 took run 6's stable checkpoint (4050), "
+        "Run 7 (`tokenlean zoo train tl-code-next --steps 6000`, trained, not shipped): in "
+        "run 6 the three copy heads share one 64-dim value (one KV group). Run 7 took "
+        "run 6's stable checkpoint (4050), "
         "regrouped it from 2 to 3 KV heads (`zoo/regroup.py`, recipe field "
         "`kv_heads_before`: the query heads are reordered so that 5 of 6 keep the keys and "
         "values they were trained with, AdamW's moments move with them) and trained on with "
