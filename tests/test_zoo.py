@@ -128,6 +128,31 @@ def test_export_loads_in_tokenlean_and_transformers(tiny_recipe, tmp_path):
     assert np.isfinite(ours.numpy()).all()
 
 
+def test_zoo_train_command_exports_and_writes_a_card(tiny_recipe, tmp_path, monkeypatch, capsys):
+    """`tokenlean zoo train NAME --steps N`: trains, exports into the zoo folder, evaluates the
+    card (retrieval only at lengths the model's context holds) and renders its README."""
+    import json
+    from dataclasses import replace
+
+    import tokenlean.zoo
+    import tokenlean.zoo.build
+    from tokenlean.cli import main
+
+    monkeypatch.setitem(SPECS, "tiny", replace(tiny_recipe, context=512, batch=1))
+    for module in (tokenlean.zoo, tokenlean.zoo.build):
+        monkeypatch.setattr(module, "ZOO_DIR", tmp_path / "models")
+    assert main(["zoo", "train", "tiny", "--steps", "2", "--threads", "1"]) == 0
+    folder = tmp_path / "models" / "tiny"
+    card = json.loads((folder / "card.json").read_text())
+    assert card["train_steps"] == 2 and card["retrieval_samples"] == 20
+    assert 0 <= card["retrieval_512"] <= 1 and "retrieval_1024" not in card
+    assert 0 < card["heldout_top1"] < 1 and len(card["samples"]) == 3
+    readme = (folder / "README.md").read_text()
+    assert "retrieval accuracy @ 512 tokens" in readme and "@ 1024" not in readme
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):])["retrieval_512"] == card["retrieval_512"]
+
+
 def test_multi_pair_retrieval_documents_ask_every_definition(tiny_recipe):
     import dataclasses
     import re

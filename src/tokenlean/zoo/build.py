@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tokenlean.errors import UserError
 from tokenlean.zoo import ZOO_DIR
@@ -155,15 +157,28 @@ def write_card(name: str, quick: bool = False) -> dict:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"{platform.processor() or 'cpu'}; Python {platform.python_version()}",
     }
-    card.update(heldout_metrics(lm, spec.context))
-    card.update(train_split_metrics(lm, spec.context, windows=4 if quick else 32))
-    card["copy_probability"] = round(copy_probability(lm), 4)
     samples = 20 if quick else 100
-    for length in RETRIEVAL_LENGTHS:
-        card[f"retrieval_{length}"] = retrieval_accuracy(lm, length, samples)
-    card["retrieval_samples"] = samples
-    card["samples"] = [{"prompt": p, "completion": lm.generate(p, max_new_tokens=64).text}
-                       for p in SAMPLE_PROMPTS]
+    stages = [
+        ("held-out loss and top-1", lambda: heldout_metrics(lm, spec.context)),
+        ("training-split loss and top-1",
+         lambda: train_split_metrics(lm, spec.context, windows=4 if quick else 32)),
+        ("copying probe", lambda: {"copy_probability": round(copy_probability(lm), 4)}),
+        *[(f"retrieval at {n} tokens ({samples} prompts)",
+           lambda n=n: {f"retrieval_{n}": retrieval_accuracy(lm, n, samples),
+                        "retrieval_samples": samples})
+          for n in RETRIEVAL_LENGTHS if n <= spec.context],
+        ("sample completions", lambda: {"samples": [
+            {"prompt": p, "completion": lm.generate(p, max_new_tokens=64).text}
+            for p in SAMPLE_PROMPTS]}),
+    ]
+    # the evaluation takes minutes on a CPU: say which part is running (on stderr, transient)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as progress:
+        bar = progress.add_task("", total=len(stages))
+        for label, measure in stages:
+            progress.update(bar, description=f"card {name}: {label}")
+            card.update(measure())
+            progress.advance(bar)
     card["eval_seconds"] = round(time.time() - t0, 1)
     folder = ZOO_DIR / name
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -208,7 +223,7 @@ def card_markdown(card: dict, spec) -> str:
     if "copy_probability" in card:
         lines.append(f"| copying: probability of a repeated random span | "
                      f"{card['copy_probability']:.3f} (chance {1 / card['vocab_size']:.5f}) |")
-    for length in RETRIEVAL_LENGTHS:
+    for length in (n for n in RETRIEVAL_LENGTHS if f"retrieval_{n}" in card):
         lines.append(f"| retrieval accuracy @ {length} tokens | {pct(card[f'retrieval_{length}'])} "
                      f"({card['retrieval_samples']} prompts) |")
     lines += ["", "Held-out modules: " + ", ".join(f"`{m}`" for m in HELD_OUT), ""]
