@@ -114,12 +114,10 @@ def run_decode_bench(args) -> dict:
     runs: dict[str, list[list[dict]]] = {name: [] for name in names}
     warmup_s: dict[str, float] = {}
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from tokenlean.progress import progress_bar
 
     total = len(names) * (1 + args.repeats * len(prompts))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("warm-up", total=total)
         for name in names:
             progress.update(task, description=f"warm-up {name}")

@@ -260,13 +260,11 @@ def run_spec_bench(args) -> dict:
     runs = {t.name: {label: [] for label in labels} for t in tasks}
     warmup_s: dict[str, float] = {}
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from tokenlean.progress import progress_bar
 
     first = tasks[0].prompts[0].ids
     total = len(labels) * (1 + args.repeats * sum(len(t.prompts) for t in tasks))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as progress:
+    with progress_bar() as progress:
         bar = progress.add_task("warm-up", total=total)
         for label in labels:
             progress.update(bar, description=f"warm-up {label}")

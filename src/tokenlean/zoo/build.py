@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tokenlean.errors import UserError
+from tokenlean.progress import progress_bar
 from tokenlean.zoo import ZOO_DIR
 from tokenlean.zoo.corpus import HELD_OUT, retrieval_pair
 from tokenlean.zoo.recipe import SPECS, token_stream, tokenizer_files, work_dir
@@ -172,8 +171,7 @@ def write_card(name: str, quick: bool = False) -> dict:
             for p in SAMPLE_PROMPTS]}),
     ]
     # the evaluation takes minutes on a CPU: say which part is running (on stderr, transient)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as progress:
+    with progress_bar() as progress:
         bar = progress.add_task("", total=len(stages))
         for label, measure in stages:
             progress.update(bar, description=f"card {name}: {label}")
