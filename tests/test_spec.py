@@ -236,6 +236,39 @@ def test_greedy_is_lossless(tiny_lm, greedy_cases, tiny_draft_dir, method):
     assert drafted > 0 and accepted > 0, (drafted, accepted)
 
 
+@pytest.fixture(scope="module")
+def windowed_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a Mistral-style sliding window of 8 tokens in its config.json."""
+    folder = tmp_path_factory.mktemp("tiny-windowed")
+    for path in tiny_model_dir.iterdir():
+        shutil.copy(path, folder / path.name)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    return folder
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_is_lossless_with_a_sliding_window(tiny_lm, windowed_model_dir, method):
+    """A window far shorter than the prompts: a draft tree's nodes must see only the cached
+    slots inside their own window, as plain decoding does. The draft method drafts with the
+    target itself, so every draft is accepted and the deepest nodes' masks count."""
+    from tokenlean.lm import load
+
+    windowed = load(str(windowed_model_dir), device="cpu", dtype="fp32")
+    assert windowed.model.config.sliding_window == 8
+    prompts = [p for p in _tiny_prompts(windowed) if len(p) > 16]
+    plain = [windowed.generate(p, 24, stop_token_ids=[]).token_ids for p in prompts]
+    # not vacuous: the window changes what the model says
+    assert sum(tiny_lm.generate(p, 24, stop_token_ids=[]).token_ids != ids
+               for p, ids in zip(prompts, plain)) >= len(prompts) // 2
+    args = method_args(method, windowed_model_dir)
+    got = [windowed.generate(p, 24, stop_token_ids=[], method=method, method_args=args)
+           for p in prompts]
+    differ = [i for i, (g, ids) in enumerate(zip(got, plain)) if g.token_ids != ids]
+    assert not differ, f"{len(differ)} of {len(prompts)} differ from plain windowed decoding"
+    assert sum(g.stats["accepted_tokens"] for g in got) > 0
+
+
 # --- lossless greedy on the embedded model ---------------------------------------------------
 
 

@@ -87,6 +87,19 @@ def check_prompt(prompt_ids: list[int], context: int, max_new_tokens: int) -> No
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+def tree_mask(tree: DraftTree, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(N+1, cached + N+1) mask of [root, *tree]: every cached slot and the node's ancestors;
+    with a sliding window only keys less than `window` positions back, as plain decoding sees.
+    The cache holds the accepted text only, so slot i holds position i."""
+    start = int(positions[0])
+    mask = torch.ones(len(positions), start + len(positions), dtype=torch.bool)
+    mask[:, start:] = tree.ancestor_mask()
+    if window:
+        keys = torch.cat([torch.arange(start), positions])
+        mask &= keys[None, :] > positions[:, None] - window
+    return mask
+
+
 class SpecStats:
     """Drafted / accepted counts, per depth, and the time split of a generation."""
 
@@ -188,11 +201,11 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
             # 4. verify: score [root, *tree] in one forward, keep the longest lossless path
             t0 = time.perf_counter()
             start = cache.length
-            mask = torch.ones(len(tree) + 1, start + len(tree) + 1, dtype=torch.bool)
-            mask[:, start:] = tree.ancestor_mask()
+            positions = tree.positions(start)
             tokens = torch.tensor([[root, *tree.tokens]], device=model.device)
-            logits = model(tokens, tree.positions(start, model.device), cache,
-                           mask.to(model.device))[0]
+            logits = model(tokens, positions.to(model.device), cache,
+                           tree_mask(tree, positions, model.config.sliding_window)
+                           .to(model.device))[0]
             if sampling.greedy:
                 accepted = verify_greedy(tree, logits)
             else:
