@@ -147,12 +147,13 @@ def test_one_hot_rule_is_lossless(params):
 def draft_tables(vocab: int, depth: int, seed: int, params: SamplingParams):
     """A draft distribution q for every parent path, shaped like p, with CDFs to draw from."""
     _, q = table(vocab, depth, seed, params)
-    cdf = {}
-    for path, x in q.items():
-        c = np.cumsum(x.numpy()) / float(x.sum())
-        c[np.flatnonzero(x.numpy())[-1] :] = 1.0  # rounding can never pick a q = 0 token
-        cdf[path] = c.tolist()
-    return q, cdf
+    return q, {path: cdf_of(x) for path, x in q.items()}
+
+
+def cdf_of(x: torch.Tensor) -> list[float]:
+    c = np.cumsum(x.numpy()) / float(x.sum())
+    c[np.flatnonzero(x.numpy())[-1] :] = 1.0  # rounding can never pick a q = 0 token
+    return c.tolist()
 
 
 def draw(cdf: list[float], rng: random.Random) -> int:
@@ -175,12 +176,14 @@ def extend(dist: dict, p: dict, length: int) -> dict:
 
 
 def run_random_trees(parents: list[int], params: SamplingParams, trials: int, seed: int,
-                     wrong_q: bool = False):
+                     wrong_q: bool = False, without_replacement: bool = False, V: int = 4):
     """Siblings drawn i.i.d. from q(parent path) every trial (SpecInfer; a chain is plain
-    speculative sampling); tree.q holds each node's parent's q. Returns the exact plain
-    distribution of the first depth+1 tokens and the verifier's, each output extended by
-    plain sampling to that length (lossless <=> the two agree)."""
-    V = 4  # V^(depth+1) outcomes: 64 keeps the bound near 0.03 with 20000 trials
+    speculative sampling), or without replacement (RSD: each sibling from q with the earlier
+    siblings' tokens taken out, renormalised); tree.q holds the distribution each node was
+    drawn from. Returns the exact plain distribution of the first depth+1 tokens and the
+    verifier's, each output extended by plain sampling to that length (lossless <=> the two
+    agree)."""
+    # V^(depth+1) outcomes: 4^3 = 64 keeps the bound near 0.03 with 20000 trials
     depth = max(DraftTree([0] * len(parents), parents).depths)
     logits, p = table(V, depth + 1, seed=seed, params=params)
     q, cdf = draft_tables(V, depth, seed=seed + 100, params=params)
@@ -188,19 +191,29 @@ def run_random_trees(parents: list[int], params: SamplingParams, trials: int, se
     uniform = torch.full((V,), 1.0 / V, dtype=torch.float64)
     counts, depths = Counter(), Counter()
     for _ in range(trials):
-        tokens, paths = [], []
+        tokens, paths, qrows = [], [], []
         for parent in parents:
             parent_path = paths[parent] if parent >= 0 else ()
-            tokens.append(draw(cdf[parent_path], rng))
+            row, cum = q[parent_path], cdf[parent_path]
+            if without_replacement:
+                taken = [t for t, par in zip(tokens, parents) if par == parent]
+                row = row.clone()
+                row[taken] = 0.0
+                if row.sum() <= 0:  # q's support used up: any distribution will do, if told
+                    row = torch.ones(V, dtype=torch.float64)
+                    row[taken] = 0.0
+                row, cum = row / row.sum(), cdf_of(row)
+            tokens.append(draw(cum, rng))
             paths.append(parent_path + (tokens[-1],))
-        qrows = [uniform if wrong_q else q[paths[par] if par >= 0 else ()] for par in parents]
+            qrows.append(uniform if wrong_q else row)
         tree = DraftTree(tokens, list(parents), torch.stack(qrows).float())
         acc = verify_sampling(tree, tree_logits(tree, logits), params, g)
         check_accepted(tree, acc)
         counts[tuple(acc.tokens)] += 1
         depths[len(acc.nodes)] += 1
     # not vacuous: every depth, from "all rejected" to "a full path accepted", happened often
-    assert all(depths[d] > trials // 100 for d in range(depth + 1)), depths
+    # (without replacement, siblings that cover q's support leave nothing to reject into)
+    assert all(depths[d] > trials // 100 for d in range(without_replacement, depth + 1)), depths
     length = depth + 1
     exact = extend({(): 1.0}, p, length)
     return exact, extend(frequencies(counts, trials), p, length)
@@ -208,20 +221,26 @@ def run_random_trees(parents: list[int], params: SamplingParams, trials: int, se
 
 TREES = {
     # root -> 3 i.i.d. siblings; the first of them -> 2 i.i.d. siblings
-    "specinfer-tree": [-1, -1, -1, 0, 0],
-    "chain": [-1, 0],
+    "specinfer-tree": ([-1, -1, -1, 0, 0], False, 4),
+    "chain": ([-1, 0], False, 4),
+    # the same shape with siblings drawn without replacement (RSD)
+    "rsd-tree": ([-1, -1, -1, 0, 0], True, 4),
+    # 4 deep, over 3 tokens (3^5 outcomes): every depth's residual is used
+    "chain-4": ([-1, 0, 1, 2], False, 3),
 }
 
 
 @pytest.mark.parametrize("params", PARAMS)
 @pytest.mark.parametrize("shape", TREES)
 def test_rejection_sampling_is_lossless(shape, params):
+    parents, without_replacement, vocab = TREES[shape]
     N = 20000
-    exact, empirical = run_random_trees(TREES[shape], params, N, seed=2)
+    exact, empirical = run_random_trees(parents, params, N, seed=2,
+                                        without_replacement=without_replacement, V=vocab)
     assert abs(sum(exact.values()) - 1) < 1e-6 and abs(sum(empirical.values()) - 1) < 1e-6
     dist, bound = tv(exact, empirical), tv_bound(exact, N)
     print(f"{shape} {params}: K={len(exact)} TV {dist:.4f} bound {bound:.4f}")
-    assert bound < 0.04
+    assert bound < 0.05
     assert dist < bound, f"TV {dist:.4f} >= bound {bound:.4f}"
 
 
@@ -229,7 +248,7 @@ def test_wrong_q_is_caught():
     """The test has teeth: drafting from q but telling the verifier q is uniform (the classic
     'q is not what was sampled from' bug) is far outside the bound."""
     N = 5000
-    exact, empirical = run_random_trees(TREES["chain"], T1, N, seed=2, wrong_q=True)
+    exact, empirical = run_random_trees(TREES["chain"][0], T1, N, seed=2, wrong_q=True)
     dist, bound = tv(exact, empirical), tv_bound(exact, N)
     print(f"wrong q: TV {dist:.4f} bound {bound:.4f}")
     assert dist > 2 * bound, f"TV {dist:.4f} vs bound {bound:.4f}"
