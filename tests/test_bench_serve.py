@@ -42,17 +42,25 @@ def test_bench_serve_greedy(tiny_model_dir, tmp_path, capsys):
     assert "request throughput" in out and "results:" in out
 
 
-def test_bench_serve_pld_spec_block(tiny_model_dir, tmp_path):
+def test_bench_serve_pld_spec_block(tiny_model_dir, tiny_lm, tmp_path):
+    from tokenlean.bench.prompts import heldout_prompts
+    from tokenlean.lm import LM
+
     result = _run(tiny_model_dir, tmp_path, "--method", "pld", "--request-rate", "50")
     assert result["completed"] == 4 and result["failed"] == 0, result["errors"]
     sd = result["spec_decode"]
     assert {"drafts", "draft_tokens", "accepted_tokens", "acceptance_rate",
             "mean_acceptance_length", "accepted_per_position",
             "acceptance_rate_per_position"} <= set(sd)
-    if sd["drafts"]:
-        assert sd["mean_acceptance_length"] == pytest.approx(
-            1 + sd["accepted_tokens"] / sd["drafts"])
-        assert 0 <= sd["acceptance_rate"] <= 1
+    # the block counts what the server drafted: the same requests run offline draft as much
+    offline = [LM(tiny_lm.name, tiny_lm.folder, tiny_lm.model, tiny_lm.tokenizer)
+               .generate(p.ids, 8, method="pld").stats
+               for p in heldout_prompts(tiny_lm.tokenizer, 4, 16)]
+    assert sd["drafts"] == sum(s["drafts"] for s in offline) > 0
+    assert sd["draft_tokens"] == sum(s["drafted_tokens"] for s in offline)
+    assert sd["accepted_tokens"] == sum(s["accepted_tokens"] for s in offline)
+    assert sd["mean_acceptance_length"] == pytest.approx(1 + sd["accepted_tokens"] / sd["drafts"])
+    assert sd["acceptance_rate"] == pytest.approx(sd["accepted_tokens"] / sd["draft_tokens"])
 
 
 def test_bench_serve_bad_input(tiny_model_dir, tmp_path, capsys):

@@ -101,6 +101,14 @@ def test_generate_options(capsys, tiny_model_dir, tiny_lm):
     b = json.loads(run(capsys, *args)[1])
     assert a["token_ids"] == b["token_ids"]
     assert a["stats"]["sampling"] == "sample"
+    # every option reaches the sampler: the same draws as the library with those settings
+    from tokenlean.sampling import SamplingParams
+
+    want = tiny_lm.generate(PROMPT, 4, SamplingParams(0.9, top_k=20, top_p=0.9, seed=3))
+    assert a["token_ids"] == want.token_ids
+    others = [tiny_lm.generate(PROMPT, 4, SamplingParams(0.9, top_k=20, top_p=0.9, seed=s))
+              for s in range(4, 12)]
+    assert any(o.token_ids != a["token_ids"] for o in others)  # the seed matters
     rc, out, err = run(capsys, *gen(tiny_model_dir, "--prompt", "hi", "-n", 2, "--chat", "--json"))
     assert rc == 0, err
     chat_prompt = tiny_lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
@@ -274,8 +282,12 @@ def test_models_json(capsys):
     rc, out, _ = run(capsys, "models", "--json")
     assert rc == 0
     rows = json.loads(out)
-    assert isinstance(rows, list)
-    assert all(isinstance(r, dict) and "name" in r for r in rows)
+    from tokenlean.zoo import card_summary, zoo_models
+
+    assert [r["name"] for r in rows] == zoo_models() and rows  # the shipped models, in order
+    for row in rows:  # each with its card's figures
+        assert row == {"name": row["name"], **card_summary(row["name"])}
+        assert 0 < row["heldout_top1"] < 1 and row["parameters"] > 0
 
 
 def test_models_table_keeps_whole_names_in_a_pipe(capsys):
