@@ -155,6 +155,32 @@ def test_unknown_model_name(capsys):
     assert_user_error(rc, out, err, "unknown model 'no-such-model'")
 
 
+def test_hub_id_downloads_or_says_why_not(capsys, monkeypatch, tiny_model_dir):
+    """A hub id goes to huggingface_hub (here stood in for: these machines have no hub); what
+    it returns is loaded, and a failure (offline, unknown repo) is one line."""
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot(name, **kwargs):
+        asked.append(name)
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    rc, out, err = run(capsys, "generate", "--model", "some-org/some-model", "--device", "cpu",
+                       "--prompt", "def f(x):", "-n", "2", "--json")
+    assert rc == 0, err
+    assert asked == ["some-org/some-model"] and json.loads(out)["completion_tokens"] >= 1
+
+    def offline(name, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no connection and not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    rc, out, err = run(capsys, "generate", "--model", "some-org/some-model", "--prompt", "x")
+    assert_user_error(rc, out, err, "cannot get 'some-org/some-model' from the Hugging Face hub",
+                      "LocalEntryNotFoundError", "local checkpoint folder")
+
+
 def test_model_path_is_a_file(capsys, tmp_path):
     (tmp_path / "f").write_text("x")
     rc, out, err = run(capsys, "generate", "--model", tmp_path / "f", "--prompt", "x")
