@@ -87,17 +87,15 @@ def check_prompt(prompt_ids: list[int], context: int, max_new_tokens: int) -> No
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
-def tree_mask(tree: DraftTree, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+def tree_mask(model, tree: DraftTree, positions: torch.Tensor) -> torch.Tensor:
     """(N+1, cached + N+1) mask of [root, *tree]: every cached slot and the node's ancestors;
-    with a sliding window only keys less than `window` positions back, as plain decoding sees.
+    with a sliding window only what the model's window holds, as plain decoding sees.
     The cache holds the accepted text only, so slot i holds position i."""
     start = int(positions[0])
     mask = torch.ones(len(positions), start + len(positions), dtype=torch.bool)
     mask[:, start:] = tree.ancestor_mask()
-    if window:
-        keys = torch.cat([torch.arange(start), positions])
-        mask &= keys[None, :] > positions[:, None] - window
-    return mask
+    window = model.window_mask(positions, torch.cat([torch.arange(start), positions]))
+    return mask if window is None else mask & window
 
 
 class SpecStats:
@@ -204,8 +202,7 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
             positions = tree.positions(start)
             tokens = torch.tensor([[root, *tree.tokens]], device=model.device)
             logits = model(tokens, positions.to(model.device), cache,
-                           tree_mask(tree, positions, model.config.sliding_window)
-                           .to(model.device))[0]
+                           tree_mask(model, tree, positions).to(model.device))[0]
             if sampling.greedy:
                 accepted = verify_greedy(tree, logits)
             else:

@@ -169,16 +169,22 @@ class Transformer(nn.Module):
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
         return KVCache.for_model(self.config, capacity, batch, self.dtype, self.device)
 
+    def window_mask(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+        """(Q, K) True where key position lies within the sliding window of the query
+        position; None for a model without a window."""
+        window = self.config.sliding_window
+        return keys[None, :] > queries[:, None] - window if window else None
+
     def causal_mask(self, T: int, cached: int) -> torch.Tensor | None:
         """(T, cached + T) mask: all cached slots, causal among new ones, sliding window if any."""
         window = self.config.sliding_window
         if T == 1 and not (window and cached + 1 > window):
             return None
-        rows = torch.arange(cached, cached + T, device=self.device)[:, None]
-        cols = torch.arange(cached + T, device=self.device)[None, :]
-        mask = cols <= rows
+        rows = torch.arange(cached, cached + T, device=self.device)
+        cols = torch.arange(cached + T, device=self.device)
+        mask = cols[None, :] <= rows[:, None]
         if window:
-            mask &= cols > rows - window
+            mask &= self.window_mask(rows, cols)
         return mask
 
     def forward(

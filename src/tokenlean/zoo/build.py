@@ -157,14 +157,14 @@ def write_card(name: str, quick: bool = False) -> dict:
                    f"{platform.processor() or 'cpu'}; Python {platform.python_version()}",
     }
     samples = 20 if quick else 100
+    card["retrieval_samples"] = samples
     stages = [
         ("held-out loss and top-1", lambda: heldout_metrics(lm, spec.context)),
         ("training-split loss and top-1",
          lambda: train_split_metrics(lm, spec.context, windows=4 if quick else 32)),
         ("copying probe", lambda: {"copy_probability": round(copy_probability(lm), 4)}),
         *[(f"retrieval at {n} tokens ({samples} prompts)",
-           lambda n=n: {f"retrieval_{n}": retrieval_accuracy(lm, n, samples),
-                        "retrieval_samples": samples})
+           lambda n=n: {f"retrieval_{n}": retrieval_accuracy(lm, n, samples)})
           for n in RETRIEVAL_LENGTHS if n <= spec.context],
         ("sample completions", lambda: {"samples": [
             {"prompt": p, "completion": lm.generate(p, max_new_tokens=64).text}

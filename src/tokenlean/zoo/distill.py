@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import Progress
 
+from tokenlean.progress import progress_bar
 from tokenlean.sampling import SamplingParams, probabilities, sample
 
 
@@ -27,7 +27,7 @@ def target_continuations(target, stream: np.ndarray, eos: int, n_tokens: int, pr
     generator = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=temperature)
     rows, total = [], 0
-    with Progress(transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("target continuations", total=n_tokens)
         while total < n_tokens:
             starts = rng.integers(0, len(stream) - prompt_len, batch)
