@@ -96,7 +96,9 @@ def test_stop_token_id_ends_generation(tiny_lm, reference):
 
 def test_eos_is_a_default_stop_token(tiny_lm, reference):
     tokenizer = tiny_lm.tokenizer
-    assert tokenizer.eos_ids == [tokenizer.tok.token_to_id("<|endoftext|>")]
+    # the eos, and <|end|>: the chat template ends each turn with it (Tokenizer's docstring)
+    assert tokenizer.eos_ids == sorted(tokenizer.tok.token_to_id(t)
+                                       for t in ("<|endoftext|>", "<|end|>"))
     # declare the first generated token an EOS: generation ends after one token
     first = reference.token_ids[0]
     tokenizer.eos_ids, saved = [first], tokenizer.eos_ids

@@ -1,4 +1,5 @@
-"""Load and save Hugging Face checkpoint folders (config.json + *.safetensors)."""
+"""Load Hugging Face checkpoint folders (config.json + *.safetensors) and GGUF files;
+save folders."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from tokenlean.errors import UserError
 from tokenlean.model.config import ModelConfig
+from tokenlean.model.gguf_read import GGUFFile, is_gguf
 from tokenlean.model.packed import pack_for_cpu
+from tokenlean.model.tokenizer import Tokenizer
 from tokenlean.model.transformer import Transformer, rope_inv_freq
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -44,22 +47,33 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def checkpoint_folder(name_or_path: str | Path) -> Path:
-    """A local folder, or a hub id downloaded (or found in the local hub cache)."""
+def checkpoint_path(name_or_path: str | Path) -> Path:
+    """A local HF folder, a .gguf file (or a folder holding exactly one and no config.json),
+    or a hub id downloaded (or found in the local hub cache)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
-        return path
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        if ggufs:
+            raise UserError(f"{path} holds several .gguf files "
+                            f"({', '.join(p.name for p in ggufs)}); give one of them")
+        raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint folder "
+                        "(nor a folder with one .gguf file)")
     if path.exists():
-        raise UserError(f"{path} is a file; give the checkpoint folder")
+        if is_gguf(path):
+            return path
+        raise UserError(f"{path} is a file; give the checkpoint folder or a .gguf file")
     name = str(name_or_path)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise UserError(f"no such model folder: {name}")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model"]))
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                            "*.jinja"]))
     except Exception as e:  # offline, unknown repo, ...: one line for the user
         raise UserError(f"cannot get {name!r} from the Hugging Face hub ({type(e).__name__}); "
                         "give a local checkpoint folder instead") from None
@@ -84,12 +98,49 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_model(name_or_path: str | Path, device: str | None = None, dtype=None,
                pack: bool = True) -> Transformer:
-    """Load an HF folder or hub id; on CPU the projections are prepacked for oneDNN unless `pack` is False."""
-    folder = checkpoint_folder(name_or_path)
-    config = ModelConfig.from_file(folder / "config.json")
+    """Load an HF folder, a .gguf file or a hub id; on CPU the projections are prepacked for
+    oneDNN unless `pack` is False."""
+    path = checkpoint_path(name_or_path)
+    if is_gguf(path):
+        return _load_gguf(GGUFFile(path), device, dtype, pack)
+    config = ModelConfig.from_file(path / "config.json")
+    dev = resolve_device(device)
+    return _build(config, read_state_dict(path), dev, resolve_dtype(dtype, dev), pack, path)
+
+
+def load_checkpoint(name_or_path: str | Path, device: str | None = None,
+                    dtype=None) -> tuple[Transformer, Tokenizer]:
+    """The model and its tokenizer; a GGUF file is parsed once for both."""
+    path = checkpoint_path(name_or_path)
+    if is_gguf(path):
+        gguf = GGUFFile(path)
+        model = _load_gguf(gguf, device, dtype)
+        tokenizer = Tokenizer.from_parts(**gguf.tokenizer_parts())
+    else:
+        model, tokenizer = load_model(path, device, dtype), Tokenizer(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, "
+                        f"the model only {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def _load_gguf(gguf: GGUFFile, device, dtype, pack: bool = True) -> Transformer:
+    config = gguf.config()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    state = read_state_dict(folder)
+    return _build(config, gguf.state_dict(config, dt), dev, dt, pack, gguf.path)
+
+
+def _inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies; a GGUF's llama3 `rope_freqs` divides them (as llama.cpp does)."""
+    inv_freq = rope_inv_freq(config)
+    if "rope_freqs" in config.extra:
+        inv_freq = inv_freq / torch.tensor(config.extra["rope_freqs"], dtype=torch.float32)
+    return inv_freq
+
+
+def _build(config: ModelConfig, state: dict[str, torch.Tensor], dev: torch.device,
+           dt: torch.dtype, pack: bool, where: Path) -> Transformer:
     with torch.device("meta"):
         model = Transformer(config)
     if config.tie_word_embeddings:
@@ -100,15 +151,15 @@ def load_model(name_or_path: str | Path, device: str | None = None, dtype=None,
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches: report the first one on one line
         lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-        raise UserError(f"{folder}: weights do not match the config "
+        raise UserError(f"{where}: weights do not match the config "
                         f"({lines[0] if lines else str(e).splitlines()[0]})") from None
     unexpected = [k for k in unexpected if "rotary_emb" not in k]
     if missing or unexpected:
-        raise UserError(f"{folder}: weights do not match the config "
+        raise UserError(f"{where}: weights do not match the config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.inv_freq = rope_inv_freq(config)  # was on the meta device
+    model.inv_freq = _inv_freq(config)  # was on the meta device
     model = model.to(device=dev, dtype=dt).eval().requires_grad_(False)
-    model.inv_freq = rope_inv_freq(config).to(dev)  # RoPE frequencies stay fp32
+    model.inv_freq = _inv_freq(config).to(dev)  # RoPE frequencies stay fp32
     if pack:
         pack_for_cpu(model)
     return model

@@ -1,4 +1,4 @@
-"""Tokenizer (`tokenizers`' tokenizer.json) and chat templates (jinja2, tokenizer_config.json)."""
+"""Tokenizer (`tokenizers`' tokenizer.json, or rebuilt from a GGUF) and chat templates (jinja2)."""
 
 from __future__ import annotations
 
@@ -26,29 +26,81 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+# Special tokens that end a turn in the chat templates of the families we load. A template
+# that writes one of them after each message is telling us where the model stops talking.
+END_OF_TURN = frozenset({
+    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "</s>",
+    "<|endoftext|>", "<|end_of_text|>", "<|EOT|>", "<|END_OF_TURN_TOKEN|>",
+    "<\uff5cend\u2581of\u2581sentence\uff5c>",  # DeepSeek's full-width spelling
+})
+
+
+def _folder_parts(folder: Path) -> dict:
+    """tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{folder} has no tokenizer.json")
+    try:
+        tok = _HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise UserError(f"cannot read {path}: {e}") from None
+    config = _read_json(folder / "tokenizer_config.json")
+    generation = _read_json(folder / "generation_config.json")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():  # transformers >= 4.43 saves it here, and reads it first
+        template = jinja.read_text(encoding="utf-8")
+    eos = generation.get("eos_token_id")
+    return {"tok": tok, "chat_template": template,
+            "bos_token": _token_text(config.get("bos_token")),
+            "eos_token": _token_text(config.get("eos_token")),
+            "eos_ids": eos if isinstance(eos, list) else [eos] if eos is not None else []}
+
+
 class Tokenizer:
-    def __init__(self, folder: str | Path):
-        folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise UserError(f"{folder} has no tokenizer.json")
-        try:
-            self.tok = _HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-            raise UserError(f"cannot read {path}: {e}") from None
-        config = _read_json(folder / "tokenizer_config.json")
-        generation = _read_json(folder / "generation_config.json")
-        self.chat_template = config.get("chat_template")
-        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            self.chat_template = next((t["template"] for t in self.chat_template
-                                       if t.get("name") == "default"), None)
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
-        eos = generation.get("eos_token_id")
-        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        if self.eos_token and self.tok.token_to_id(self.eos_token) is not None:
-            eos.append(self.tok.token_to_id(self.eos_token))
-        self.eos_ids = sorted(set(eos))
+    """Text <-> ids, the chat template, and the ids that end a generation.
+
+    `Tokenizer(path)` reads a Hugging Face folder or a .gguf file; `Tokenizer.from_parts`
+    takes the pieces. `eos_ids`, the default stop ids, are the union of
+    - the given eos ids (generation_config.json's eos_token_id; GGUF's eos/eot/eom ids),
+    - the eos token's id (tokenizer_config.json / GGUF),
+    - the special or added tokens that appear in the chat template text and are named like an
+      end of turn (END_OF_TURN: `<|im_end|>`, `<|eot_id|>`, `<|end|>`, ...), so a model whose
+      eos is `<|endoftext|>` but whose turns end with `<|im_end|>` stops after its answer.
+      Other special tokens in a template (`<|im_start|>`, `<|end_header_id|>`) are not stops.
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            from tokenlean.model.gguf_read import GGUFFile  # gguf only when a file needs it
+
+            parts = GGUFFile(path).tokenizer_parts()
+        else:
+            parts = _folder_parts(path)
+        self._setup(**parts)
+
+    @classmethod
+    def from_parts(cls, tok: _HFTokenizer, chat_template: str | None = None,
+                   bos_token: str | None = None, eos_token: str | None = None,
+                   eos_ids: list[int] = ()) -> Tokenizer:
+        self = cls.__new__(cls)
+        self._setup(tok, chat_template, bos_token, eos_token, eos_ids)
+        return self
+
+    def _setup(self, tok, chat_template, bos_token, eos_token, eos_ids) -> None:
+        self.tok = tok
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        stops = set(eos_ids)
+        if eos_token and tok.token_to_id(eos_token) is not None:
+            stops.add(tok.token_to_id(eos_token))
+        for i, added in tok.get_added_tokens_decoder().items():
+            if added.content in END_OF_TURN and added.content in (chat_template or ""):
+                stops.add(i)
+        self.eos_ids = sorted(stops)
 
     @property
     def vocab_size(self) -> int:
