@@ -235,6 +235,18 @@ def test_api_key(pld_server, tiny_model_dir):
     assert r.status_code == 401 and r.json()["error"]["type"]
     assert _client(pld_server, key=KEY).models.list().data[0].id == _model(tiny_model_dir)
     assert httpx.get(f"{pld_server}/health", timeout=5).status_code == 200  # open
+    assert httpx.get(f"{pld_server}/metrics", timeout=5).status_code == 200  # open
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc"])
+def test_api_docs_need_the_key(pld_server, path):
+    """FastAPI's API map is no more public than the API."""
+    r = httpx.get(f"{pld_server}{path}", timeout=5)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(f"{pld_server}{path}", headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
+    assert r.status_code == 200
+    if path == "/openapi.json":
+        assert "/v1/completions" in r.json()["paths"]
 
 
 def _metric(text: str, name: str) -> float:
@@ -269,6 +281,32 @@ def test_serve_cli_checks_method_before_loading(capsys):
     assert main(["serve", "--model", "no-such-model", "--method", "pld",
                  "--method-arg", "bogus=1"]) == 2
     assert "unknown option 'bogus'" in capsys.readouterr().err
+
+
+def _serve_exits(model_dir, *extra) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "tokenlean.cli", "serve", "--model", str(model_dir),
+           "--threads", "1", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_serve_on_a_port_in_use(tiny_model_dir):
+    with socket.create_server(("127.0.0.1", 0)) as held:  # listening, as another server would
+        port = held.getsockname()[1]
+        proc = _serve_exits(tiny_model_dir, "--port", str(port))
+    assert proc.returncode == 2, proc.stderr
+    # one line, and no "serving ..." before it: the server never listened
+    assert proc.stderr.strip() == (f"tokenlean: error: cannot listen on 127.0.0.1:{port}: "
+                                   "Address already in use")
+    assert proc.stdout == ""
+
+
+def test_serve_on_an_invalid_host(tiny_model_dir):
+    proc = _serve_exits(tiny_model_dir, "--host", "256.1.1.1", "--port", str(_free_port()))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "tokenlean: error: cannot listen on 256.1.1.1:"), proc.stderr
+    assert proc.stdout == ""
 
 
 class _SlowLM:

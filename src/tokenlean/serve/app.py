@@ -36,6 +36,9 @@ from tokenlean.serve.schemas import (
 )
 
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+# Open even with --api-key: load balancers and Prometheus scrapers send no key. Everything
+# else needs it, FastAPI's /docs, /redoc and /openapi.json included (they map the API).
+OPEN_PATHS = ("/health", "/metrics")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
@@ -290,7 +293,8 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None,
 
 class AuthAndCount:
     """Pure ASGI middleware (streaming and disconnects pass through untouched): checks the
-    Bearer key on /v1/* when one is set, and counts responses by endpoint and status."""
+    Bearer key on every path but OPEN_PATHS when one is set, and counts responses by endpoint
+    and status."""
 
     def __init__(self, app, api_key: str | None, metrics: Metrics):
         self.app, self.api_key, self.metrics = app, api_key, metrics
@@ -301,7 +305,7 @@ class AuthAndCount:
         path = scope.get("path", "")
         status = [500]
         try:
-            if self.api_key is not None and path.startswith("/v1/"):
+            if self.api_key is not None and path not in OPEN_PATHS:
                 header = dict(scope.get("headers") or []).get(b"authorization", b"")
                 scheme, _, token = header.decode("latin-1").partition(" ")
                 if scheme.lower() != "bearer" or not hmac.compare_digest(
