@@ -10,7 +10,7 @@ import torch
 
 from tokenlean.decode import Generation, GenerationResult, decode_steps
 from tokenlean.errors import UserError
-from tokenlean.model.load import checkpoint_folder, load_model
+from tokenlean.model.load import checkpoint_path, load_checkpoint
 from tokenlean.model.tokenizer import Tokenizer
 from tokenlean.model.transformer import Transformer
 from tokenlean.sampling import SamplingParams
@@ -20,7 +20,7 @@ from tokenlean.zoo import DEFAULT_MODEL, zoo_models, zoo_path
 @dataclass
 class LM:
     name: str
-    folder: Path
+    folder: Path  # the checkpoint folder, or the .gguf file
     model: Transformer
     tokenizer: Tokenizer
     drafters: dict = field(default_factory=dict, repr=False)  # kept across requests
@@ -65,24 +65,25 @@ class LM:
 
 
 def resolve_model(name: str | None) -> tuple[str, Path]:
-    """An embedded zoo name, a local checkpoint folder, or a hub id."""
+    """An embedded zoo name, an installed real model, a local checkpoint folder or .gguf file,
+    or a hub id."""
+    from tokenlean.zoo.real import REAL_MODELS, require_installed
+
     name = name or DEFAULT_MODEL
     path = zoo_path(name)
     if path is not None:
         return name, path
+    if name in REAL_MODELS:
+        return name, require_installed(name)
     if "/" not in name and not Path(name).exists():
-        known = ", ".join(zoo_models()) or "none installed"
-        raise UserError(f"unknown model {name!r}: not an embedded model ({known}) "
+        known = ", ".join([*zoo_models(), *REAL_MODELS]) or "none installed"
+        raise UserError(f"unknown model {name!r}: not a named model ({known}) "
                         "nor a checkpoint folder")
-    return name, checkpoint_folder(name)
+    return name, checkpoint_path(name)
 
 
 def load(name: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None) -> LM:
     """Load a model and its tokenizer; no name -> the embedded tl-code."""
     name, folder = resolve_model(name)
-    model = load_model(folder, device=device, dtype=dtype)
-    tokenizer = Tokenizer(folder)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens, "
-                        f"the model only {model.config.vocab_size}")
+    model, tokenizer = load_checkpoint(folder, device=device, dtype=dtype)
     return LM(name, folder, model, tokenizer)

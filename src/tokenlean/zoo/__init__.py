@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 ZOO_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL = "tl-code"
 DEFAULT_DRAFT = "tl-code-draft"
+
+
+def tokenlean_home() -> Path:
+    """Where tokenlean keeps what is not in git: converted real models, training checkpoints."""
+    return Path(os.environ.get("TOKENLEAN_HOME", Path.home() / ".cache" / "tokenlean"))
+
+
+def models_dir() -> Path:
+    """Installed real models (`tokenlean models fetch NAME`), one Hugging Face folder each."""
+    return tokenlean_home() / "models"
 
 
 def zoo_models() -> list[str]:
@@ -18,6 +29,8 @@ def zoo_models() -> list[str]:
 
 
 def zoo_path(name: str) -> Path | None:
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None  # a path, not a zoo name (ZOO_DIR / "/abs/path" is "/abs/path")
     path = ZOO_DIR / name
     return path if (path / "config.json").is_file() else None
 

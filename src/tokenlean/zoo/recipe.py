@@ -28,10 +28,9 @@ CHAT_TEMPLATE = (
 
 def work_dir() -> Path:
     """Checkpoints and token caches live outside the repository."""
-    import os
+    from tokenlean.zoo import tokenlean_home
 
-    base = Path(os.environ.get("TOKENLEAN_HOME", Path.home() / ".cache" / "tokenlean"))
-    return base / f"zoo-py{sys.version_info.major}{sys.version_info.minor}"
+    return tokenlean_home() / f"zoo-py{sys.version_info.major}{sys.version_info.minor}"
 
 
 @dataclass
