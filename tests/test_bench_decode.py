@@ -44,7 +44,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def bench(model: Path, out: Path, *extra: str) -> tuple[int, dict | None]:
     code = main(["bench", "decode", "--model", str(model), "--device", "cpu", "--dtype", "fp32",
                  "--prompts", "1", "--prompt-tokens", "16", "--max-new-tokens", "8",
-                 "--repeats", "1", "--out", str(out), *extra])
+                 "--repeats", "1", "--out", str(out), "--llama-cpp", "off", *extra])
     files = sorted(out.glob("decode-*.json")) if out.is_dir() else []
     return code, json.loads(files[-1].read_text()) if files else None
 

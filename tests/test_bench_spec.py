@@ -50,7 +50,7 @@ def bench(model: Path, out: Path, *extra: str) -> tuple[int, dict | None]:
 def run(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("spec-out")
     methods = f"greedy,pld,recycling,recycling:num_nodes=16,draft:model={model}"
-    code, result = bench(model, out, "--methods", methods)
+    code, result = bench(model, out, "--methods", methods, "--peers", "hf,hf-pld,hf-assisted")
     return code, result, out
 
 
@@ -143,6 +143,32 @@ def test_missing_default_draft_is_skipped_with_a_note(monkeypatch):
     assert any(n.startswith("draft: skipped") for n in notes)
     assert any(n.startswith("hf-assisted: skipped") for n in notes)
     assert any(n.startswith("greedy added") for n in notes)
+
+
+def test_zoo_draft_is_not_the_default_for_other_models(model):
+    """tl-code-draft shares tl-code's tokenizer only: a real model gets no default draft."""
+    args = argparse.Namespace(methods=["pld,draft"], peers="hf,hf-assisted", model=str(model))
+    systems, notes = plan_systems(args)
+    assert [s.label for s in systems] == ["greedy", "pld", "hf"]
+    assert any(n.startswith("draft: skipped, tl-code-draft drafts for the zoo's models only")
+               for n in notes)
+    zoo = argparse.Namespace(methods=["pld,draft"], peers="hf,hf-assisted", model=None)
+    assert [s.label for s in plan_systems(zoo)[0]] == ["greedy", "pld", "draft", "hf",
+                                                        "hf-assisted"]
+
+
+def test_chat_mode_puts_prompts_in_the_template(model):
+    from tokenlean.bench.tasks import CHAT_REQUESTS, chat_ids
+
+    tokenizer = Tokenizer(model)
+    user = tokenizer.encode("<|user|>", add_special_tokens=False)
+    assistant = "<|assistant|>\n```python\n"  # the answer opened with the code's first line
+    plain = build_task("edit", tokenizer, 1, 16, CONTEXT - 8).prompts[0].ids
+    chat = build_task("edit", tokenizer, 1, 16, CONTEXT - 8, chat=True).prompts[0].ids
+    assert chat[: len(user)] == user and plain[: len(user)] != user
+    assert assistant in tokenizer.decode(chat, skip_special_tokens=False)
+    requests = build_task("chat", tokenizer, 3, 16, CONTEXT - 8).prompts
+    assert [p.ids for p in requests] == [chat_ids(tokenizer, r) for r in CHAT_REQUESTS[:3]]
 
 
 def test_tasks_deterministic(model):

@@ -6,6 +6,7 @@ subprocess to check the real exit code, stdin, and that no traceback reaches std
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tokenlean.cli import main
+from tokenlean.cli import build_parser, main
 
 PROMPT = "def f("
 
@@ -231,6 +232,55 @@ def test_weights_not_matching_config(capsys, tiny_model_dir, tmp_path):
     assert_user_error(rc, out, err, "weights do not match the config")
 
 
+@pytest.mark.parametrize("change, field", [
+    ({"hidden_size": -5}, "hidden_size"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    ({"num_attention_heads": -4}, "num_attention_heads"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads"),
+    ({"vocab_size": 0}, "vocab_size"),
+    ({"intermediate_size": 12.5}, "intermediate_size"),
+    ({"num_hidden_layers": "2"}, "num_hidden_layers"),
+    ({"num_hidden_layers": True}, "num_hidden_layers"),
+    ({"hidden_size": 66, "head_dim": None},
+     "hidden_size (66) must be a multiple of num_attention_heads (4)"),
+    ({"head_dim": 15}, "head_dim"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps"),
+    ({"rms_norm_eps": "tiny"}, "rms_norm_eps"),
+    # the fixture writes transformers 5's rope_parameters; older checkpoints the top-level keys
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "rope_theta"),
+    ({"rope_parameters": None, "rope_theta": "big"}, "rope_theta"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "rope_scaling.factor"),
+    ({"rope_parameters": None, "rope_scaling": [2.0]}, "rope_scaling"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings"),
+    ({"eos_token_id": "</s>"}, "eos_token_id"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings"),
+])
+def test_nonsense_config_values(capsys, tiny_model_dir, tmp_path, change, field):
+    """Valid JSON, impossible model: one line naming the file and the field, not a traceback."""
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    folder = broken_copy(tiny_model_dir, tmp_path / "m", "config.json",
+                         json.dumps({**config, **change}).encode())
+    rc, out, err = run(capsys, *gen(folder, "--prompt", "x", "-n", 1))
+    assert_user_error(rc, out, err, f"bad model config {folder / 'config.json'}: ", field)
+
+
+def test_config_not_an_object_subprocess(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2, 3]")
+    proc = subprocess_cli("generate", "--model", tmp_path, "--prompt", "x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"tokenlean: error: bad model config {tmp_path / 'config.json'}"
+                                   ": the config must be a JSON object, got list")
+
+
+def test_config_without_kv_heads_means_one_per_head():
+    """transformers' default; the dataclass's own default (32) would be a wrong guess."""
+    from tokenlean.model.config import ModelConfig
+
+    config = ModelConfig.from_hf({"model_type": "llama", "hidden_size": 64,
+                                  "num_attention_heads": 4})
+    assert config.num_key_value_heads == 4 and config.head_dim == 16
+
+
 @pytest.mark.parametrize("prompt", ["", "   ", "\n\t "])
 def test_empty_prompt(capsys, tiny_model_dir, prompt):
     rc, out, err = run(capsys, *gen(tiny_model_dir, "--prompt", prompt))
@@ -310,10 +360,15 @@ def test_models_json(capsys):
     rows = json.loads(out)
     from tokenlean.zoo import card_summary, zoo_models
 
-    assert [r["name"] for r in rows] == zoo_models() and rows  # the shipped models, in order
-    for row in rows:  # each with its card's figures
-        assert row == {"name": row["name"], **card_summary(row["name"])}
+    zoo = [r for r in rows if r["kind"] == "zoo"]
+    assert [r["name"] for r in zoo] == zoo_models() and zoo  # the shipped models, in order
+    for row in zoo:  # each with its card's figures
+        assert row == {"name": row["name"], "kind": "zoo", "installed": True,
+                       **card_summary(row["name"])}
         assert 0 < row["heldout_top1"] < 1 and row["parameters"] > 0
+    from tokenlean.zoo.real import REAL_MODELS
+
+    assert [r["name"] for r in rows if r["kind"] == "real"] == list(REAL_MODELS)
 
 
 def test_models_table_keeps_whole_names_in_a_pipe(capsys):
@@ -332,6 +387,43 @@ def test_help_exits_zero(capsys, argv):
     rc, out, _ = run(capsys, *argv)
     assert rc == 0
     assert out.startswith("usage: tokenlean")
+
+
+def walk_parsers(parser: argparse.ArgumentParser, name: str = "tokenlean"):
+    """(command line, parser) for the top parser and every sub-command, however deep."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from walk_parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_command_and_option_is_described():
+    for name, parser in walk_parsers(build_parser()):
+        assert parser.description, f"{name} has no description"
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            what = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{what} has no help"
+            if action.default not in (None, False, []):  # a real default: the help says it
+                assert "default" in action.help, f"{what}: help does not show the default"
+
+
+def test_bench_decode_help(capsys):
+    rc, out, _ = run(capsys, "bench", "decode", "--help")
+    text = " ".join(out.split())  # argparse wraps to the terminal's width
+    assert rc == 0
+    assert "tokenlean vs transformers' generate on the same weights" in text
+    assert "-n MAX_NEW_TOKENS tokens to generate per prompt (default 128)" in text
+
+
+def test_top_help_says_what_exists(capsys):
+    rc, out, _ = run(capsys, "--help")
+    text = " ".join(out.split())
+    assert rc == 0 and "lossless speculative decoding" in text and "OpenAI-compatible" in text
+    # KV-cache compression is not built yet: only mentioned as planned
+    assert text.count("KV") == text.count("KV-cache compression is planned") == 1
 
 
 def test_no_command_prints_help_and_fails(capsys):

