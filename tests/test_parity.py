@@ -344,3 +344,44 @@ def test_sharded_checkpoint_loads_like_one_file(family, tmp_path):
     seq = random_tokens(PROMPT_LEN, seed=8)
     assert_close(load_model(tmp_path, device="cpu", dtype="fp32")(seq)[0], hf_logits(hf, seq)[0],
                  "sharded checkpoint")
+
+
+# --- the decode step's shortcuts ----------------------------------------------------------------
+
+
+def test_rope_by_roll_is_the_rotate_half_formula_bit_for_bit():
+    """apply_rope rotates with roll and a sign-folded sin: the same numbers as the textbook
+    x * cos + cat(-x2, x1) * sin, not merely close (exactness of speculative decoding leans
+    on one formula everywhere)."""
+    from tokenlean.model.transformer import apply_rope, signed_sin
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 7, 64, generator=g)
+    angles = torch.randn(7, 32, generator=g) * 40
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    textbook = x * cos + torch.cat((-x[..., 32:], x[..., :32]), dim=-1) * sin
+    assert torch.equal(apply_rope(x, cos, signed_sin(sin)), textbook)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@torch.no_grad()
+def test_bf16_on_cpu_attends_in_fp32(family, tmp_path):
+    """bf16 weights on CPU keep an fp32 KV cache and attend in fp32 (torch's bf16 attention
+    kernel is slow at one query); the result matches attention done by hand in fp32."""
+    make_hf_model(family).save_pretrained(tmp_path)
+    model = load_model(tmp_path, device="cpu", dtype="bf16")
+    assert model.kv_dtype == torch.float32 and model.new_cache(4).k.dtype == torch.float32
+    assert load_model(tmp_path, device="cpu", dtype="fp32").kv_dtype == torch.float32
+    seq = random_tokens(24, seed=5)
+    cache = model.new_cache(seq.shape[1])
+    logits = model(seq, cache=cache)
+    assert logits.dtype == torch.bfloat16 and cache.k.dtype == torch.float32
+    # the same step with the attention forced to bf16 (cache in bf16) differs: the fp32
+    # path is really taken
+    from tokenlean.model.cache import KVCache
+
+    bf16_cache = KVCache.for_model(model.config, seq.shape[1], dtype=torch.bfloat16)
+    bf16_logits = model(seq, cache=bf16_cache)
+    assert not torch.equal(bf16_logits, logits)
+    assert (bf16_logits.float() - logits.float()).abs().max() < 0.5
