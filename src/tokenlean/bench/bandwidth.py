@@ -58,15 +58,16 @@ def gemv_bandwidth(dtype: torch.dtype, mbytes: int | None = None,
 
 
 def _fastest_gemv(weight: torch.Tensor, x: torch.Tensor):
-    """On CPU, oneDNN with the weight prepacked (what tokenlean's decoder runs, and ~1.7x
+    """On CPU, oneDNN with the weight prepacked (tokenlean's own PackedLinear, ~1.7x
     F.linear's bandwidth on the project's VM); F.linear where oneDNN cannot take the dtype
     or the device is not a CPU."""
+    from tokenlean.model.packed import PackedLinear
+
     if weight.device.type == "cpu":
         try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-            torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            return "onednn-prepacked", lambda: torch.ops.mkldnn._linear_pointwise(
-                x, packed, None, "none", [], "")
+            packed = PackedLinear(weight, None)
+            packed(x)
+            return "onednn-prepacked", lambda: packed(x)
         except (RuntimeError, AttributeError):
             pass
     return "F.linear", lambda: F.linear(x, weight)

@@ -131,14 +131,6 @@ def _load_gguf(gguf: GGUFFile, device, dtype, pack: bool = True) -> Transformer:
     return _build(config, gguf.state_dict(config, dt), dev, dt, pack, gguf.path)
 
 
-def _inv_freq(config: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies; a GGUF's llama3 `rope_freqs` divides them (as llama.cpp does)."""
-    inv_freq = rope_inv_freq(config)
-    if "rope_freqs" in config.extra:
-        inv_freq = inv_freq / torch.tensor(config.extra["rope_freqs"], dtype=torch.float32)
-    return inv_freq
-
-
 def _build(config: ModelConfig, state: dict[str, torch.Tensor], dev: torch.device,
            dt: torch.dtype, pack: bool, where: Path) -> Transformer:
     with torch.device("meta"):
@@ -157,9 +149,9 @@ def _build(config: ModelConfig, state: dict[str, torch.Tensor], dev: torch.devic
     if missing or unexpected:
         raise UserError(f"{where}: weights do not match the config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.inv_freq = _inv_freq(config)  # was on the meta device
+    model.inv_freq = rope_inv_freq(config)  # was on the meta device
     model = model.to(device=dev, dtype=dt).eval().requires_grad_(False)
-    model.inv_freq = _inv_freq(config).to(dev)  # RoPE frequencies stay fp32
+    model.inv_freq = rope_inv_freq(config).to(dev)  # RoPE frequencies stay fp32
     if pack:
         pack_for_cpu(model)
     return model

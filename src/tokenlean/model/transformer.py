@@ -35,7 +35,10 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq.float()
+    inv_freq = inv_freq.float()
+    if "rope_freqs" in config.extra:  # a GGUF's llama3 factors divide them, as in llama.cpp
+        inv_freq = inv_freq / torch.tensor(config.extra["rope_freqs"], dtype=torch.float32)
+    return inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
