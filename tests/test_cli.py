@@ -16,34 +16,15 @@ import sys
 import pytest
 import torch
 
-from tokenlean.cli import build_parser, main
+from cli_run import assert_user_error
+from cli_run import run_cli as run
+from tokenlean.cli import build_parser
 
 PROMPT = "def f("
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """main() in-process: (exit code, stdout, stderr); argparse errors exit via SystemExit."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def gen(model_dir, *extra) -> list:
     return ["generate", "--model", model_dir, "--device", "cpu", *extra]
-
-
-def assert_user_error(rc: int, out: str, err: str, *fragments: str) -> None:
-    assert rc == 2
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("tokenlean: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], err
-    assert "Traceback" not in err
 
 
 def assert_usage_error(rc: int, out: str, err: str, *fragments: str) -> None:

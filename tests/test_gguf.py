@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
+from cli_run import assert_user_error, run_cli  # noqa: E402
 from conftest import CHAT_TEMPLATE, SPECIAL_TOKENS, TRAIN_TEXT  # noqa: E402
-from tokenlean.cli import main  # noqa: E402
 from tokenlean.errors import UserError  # noqa: E402
 from tokenlean.model import gguf_write  # noqa: E402
 from tokenlean.model.gguf_read import LLAMA3_SPLIT, QWEN2_SPLIT, GGUFFile  # noqa: E402
@@ -340,24 +340,6 @@ def test_add_bos_token_comes_through(folders, tmp_path):
 # --- loading paths and errors -------------------------------------------------------------
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop what building the fixtures printed (transformers' save bars)
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, out, err, *fragments):
-    assert rc == 2 and out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tokenlean: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], err
-
-
 def test_folder_with_one_gguf_loads_and_generates(folders, tmp_path, capsys):
     folder = folders("llama")
     (tmp_path / "only").mkdir()
@@ -427,7 +409,7 @@ def test_unsupported_contents_are_one_line_errors(folders, tiny_model_dir, tmp_p
         load(str(path), device="cpu")
     assert len(str(e.value).splitlines()) == 1
     rc, out, err = run_cli(capsys, "generate", "--model", path, "--device", "cpu", "-p", "x")
-    assert_one_line_error(rc, out, err, str(path), *fragments)
+    assert_user_error(rc, out, err, str(path), *fragments)
 
 
 def test_unsupported_architecture(tmp_path, capsys):
@@ -440,22 +422,22 @@ def test_unsupported_architecture(tmp_path, capsys):
     writer.write_tensors_to_file()
     writer.close()
     rc, out, err = run_cli(capsys, "generate", "--model", path, "-p", "x")
-    assert_one_line_error(rc, out, err, "unsupported GGUF architecture 'phi3'",
+    assert_user_error(rc, out, err, "unsupported GGUF architecture 'phi3'",
                           "supported: llama, mistral, qwen2, qwen3")
 
 
 def test_not_gguf_truncated_and_two_ggufs(folders, tmp_path, capsys):
     (tmp_path / "text.gguf").write_text("hello")
     rc, out, err = run_cli(capsys, "generate", "--model", tmp_path / "text.gguf", "-p", "x")
-    assert_one_line_error(rc, out, err, "not a GGUF file or truncated", "magic")
+    assert_user_error(rc, out, err, "not a GGUF file or truncated", "magic")
 
     good = write_gguf(folders("llama"), tmp_path / "good.gguf", "F32").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(good[: len(good) // 2])
     rc, out, err = run_cli(capsys, "generate", "--model", tmp_path / "cut.gguf", "-p", "x")
-    assert_one_line_error(rc, out, err, "not a GGUF file or truncated")
+    assert_user_error(rc, out, err, "not a GGUF file or truncated")
 
     rc, out, err = run_cli(capsys, "generate", "--model", tmp_path, "-p", "x")
-    assert_one_line_error(rc, out, err, "several .gguf files", "cut.gguf", "good.gguf", "text.gguf")
+    assert_user_error(rc, out, err, "several .gguf files", "cut.gguf", "good.gguf", "text.gguf")
 
 
 def test_bad_gguf_subprocess_exit_code(tmp_path):

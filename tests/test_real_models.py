@@ -11,17 +11,11 @@ import zipfile
 import pytest
 import torch
 
-from tokenlean.cli import main
+from cli_run import run_cli as run
 from tokenlean.zoo import real
 
 NAME = "smollm2-135m"
 MODEL = real.REAL_MODELS[NAME]
-
-
-def run(capsys, *argv):
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture
