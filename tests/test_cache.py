@@ -44,7 +44,9 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 def valid(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-    return cache.k[:, :, :, : cache.length], cache.v[:, :, :, : cache.length]
+    """(L, B, H_kv, n, D) keys and values of a cache whose layers are uniform."""
+    views = [layer.view() for layer in cache.layers]
+    return torch.stack([k for k, _ in views]), torch.stack([v for _, v in views])
 
 
 # --- truncate -------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def test_keep_accepted_path_equals_forwarding_that_path_alone(model):
     cache = prefilled(model, prefix)
     mask, positions = tree_mask_and_positions(PREFIX)
     model(tree, positions=positions, cache=cache, mask=mask)
-    cache.keep(torch.cat([torch.arange(PREFIX), PREFIX + torch.tensor(ACCEPTED)]))
+    cache.keep_new(len(PARENTS), torch.tensor(ACCEPTED))
 
     fresh = prefilled(model, prefix)
     model(tree[:, ACCEPTED], cache=fresh)
@@ -114,16 +116,18 @@ def test_keep_accepted_path_equals_forwarding_that_path_alone(model):
 @torch.no_grad()
 def test_per_head_keep_moves_each_heads_own_slots(model):
     cache = prefilled(model, tokens(PREFIX, 7))
-    k_before, v_before = cache.k.clone(), cache.v.clone()
+    k_before, v_before = (t.clone() for t in valid(cache))
     index = torch.tensor([[0, 3, 4, 9, 11], [1, 2, 5, 6, 10]])  # (H_kv, n)
 
     cache.keep(index)
 
     n = index.shape[1]
-    assert cache.length == n
+    k_after, v_after = valid(cache)
+    assert cache.length == n and cache.seen == PREFIX
     for h, slots in enumerate(index):
-        assert torch.equal(cache.k[:, :, h, :n], k_before[:, :, h, slots])
-        assert torch.equal(cache.v[:, :, h, :n], v_before[:, :, h, slots])
+        assert torch.equal(k_after[:, :, h], k_before[:, :, h, slots])
+        assert torch.equal(v_after[:, :, h], v_before[:, :, h, slots])
+        assert cache.layers[0].positions()[0, h].tolist() == slots.tolist()
 
 
 @torch.no_grad()
@@ -154,7 +158,9 @@ def test_resize_frees_memory_and_keeps_valid_entries(model):
 
     assert cache.capacity == PREFIX + nxt.shape[1]
     assert cache.nbytes(allocated=True) < allocated
-    assert cache.k.untyped_storage().nbytes() == cache.nbytes(allocated=True) // 2
+    storage = sum(t.untyped_storage().nbytes() for layer in cache.layers
+                  for t in (layer.k, layer.v, layer.own_pos))
+    assert storage == cache.nbytes(allocated=True)
     assert torch.equal(valid(cache)[0], k_before) and torch.equal(valid(cache)[1], v_before)
     assert_close(model(nxt, cache=cache), model(nxt, cache=reference), "logits after resize")
 
@@ -179,6 +185,11 @@ def test_writing_past_capacity_raises(model):
 def test_nbytes_counts_keys_and_values_of_every_layer_head_and_row(dtype, batch):
     L, H, D, capacity, length = 3, 2, 8, 10, 4
     cache = KVCache(L, H, D, capacity, batch=batch, dtype=dtype)
+    assert cache.nbytes(allocated=True) == 0  # layers allocate on their first write
+    k = torch.ones(batch, H, length, D, dtype=dtype)
+    cache.begin(torch.arange(length))
+    for layer in range(L):
+        cache.write(layer, k, k)
     cache.advance(length)
     per_slot = 2 * L * batch * H * D * torch.tensor([], dtype=dtype).element_size()
     assert cache.nbytes() == per_slot * length

@@ -371,12 +371,12 @@ def test_bf16_on_cpu_attends_in_fp32(family, tmp_path):
     kernel is slow at one query); the result matches attention done by hand in fp32."""
     make_hf_model(family).save_pretrained(tmp_path)
     model = load_model(tmp_path, device="cpu", dtype="bf16")
-    assert model.kv_dtype == torch.float32 and model.new_cache(4).k.dtype == torch.float32
+    assert model.kv_dtype == torch.float32 and model.new_cache(4).dtype == torch.float32
     assert load_model(tmp_path, device="cpu", dtype="fp32").kv_dtype == torch.float32
     seq = random_tokens(24, seed=5)
     cache = model.new_cache(seq.shape[1])
     logits = model(seq, cache=cache)
-    assert logits.dtype == torch.bfloat16 and cache.k.dtype == torch.float32
+    assert logits.dtype == torch.bfloat16 and cache.layers[0].k.dtype == torch.float32
     # the same step with the attention forced to bf16 (cache in bf16) differs: the fp32
     # path is really taken
     from tokenlean.model.cache import KVCache

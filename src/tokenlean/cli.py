@@ -78,6 +78,34 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="a method option, repeatable (e.g. --method pld --method-arg max_ngram=4)")
 
 
+def add_kv_args(p: argparse.ArgumentParser) -> None:
+    from tokenlean.kv.registry import NONE, POLICIES
+
+    names = "; ".join(f"{name}: {cls.summary}" for name, cls in POLICIES.items())
+    p.add_argument("--kv-policy", default=NONE,
+                   help=f"KV-cache policy (default {NONE}: the full cache). Lossy; each keeps "
+                        f"or attends to --kv-budget of the prompt's entries: {names}")
+    p.add_argument("--kv-budget", default=None, metavar="B",
+                   help="entries kept per layer and head: a fraction of the prompt (0.25), a "
+                        "percentage (25%%) or a number of tokens (512); default 1 (all)")
+    p.add_argument("--kv-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy option, repeatable (e.g. --kv-policy snapkv --kv-arg window=64)")
+
+
+def kv_config(args):
+    """The --kv-* options, checked (before any model loads); also against --method."""
+    from tokenlean.decode import prefill_policies
+    from tokenlean.kv.registry import KVConfig
+
+    kv = KVConfig(args.kv_policy, args.kv_budget, tuple(args.kv_arg))
+    if kv.decode_time and getattr(args, "method", "greedy") != "greedy":
+        raise UserError(f"--kv-policy {kv.policy} evicts or selects entries while decoding, "
+                        f"so --method {args.method} could not stay exact under it; use a "
+                        f"prefill-time policy ({', '.join(prefill_policies())}) or "
+                        f"--method greedy")
+    return kv
+
+
 def add_bench_run_args(p: argparse.ArgumentParser, prompts: int, prompts_help: str,
                        prompt_tokens_help: str, threads_help: str) -> None:
     """Prompt count and size, new tokens, repetitions and threads of a side-by-side bench."""
@@ -105,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tokenlean",
         description="Token-efficient LLM inference: lossless speculative decoding, an "
                     "OpenAI-compatible server, and benchmarks side by side with transformers "
-                    "on the same weights. KV-cache compression is planned.",
+                    "on the same weights, and KV-cache compression measured against kvpress.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -117,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", "-f", help="read the prompt from this file")
     add_sampling_args(g)
     add_method_args(g)
+    add_kv_args(g)
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt as one user message in the model's chat template")
     g.add_argument("--json", action="store_true",
@@ -188,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoding method. Needs: pip install 'tokenlean[serve]'.")
     add_model_args(sv)
     add_method_args(sv)
+    add_kv_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sv.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
     sv.add_argument("--api-key", default=None,
@@ -291,6 +321,7 @@ def cmd_generate(args) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     check_method(args.method)  # bad options fail before the model loads
     parse_method_args(args.method, args.method_arg)
+    kv = kv_config(args)
     prompt = read_prompt(args)
     if not prompt.strip():
         raise UserError("the prompt is empty")
@@ -298,7 +329,7 @@ def cmd_generate(args) -> int:
     if args.chat:
         prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     generation = lm.stream(prompt, args.max_new_tokens, sampling, stop=args.stop,
-                           method=args.method, method_args=args.method_arg)
+                           method=args.method, method_args=args.method_arg, kv=kv)
     stream = not (args.json or args.no_stream)
     for delta in generation:
         if stream:
@@ -396,6 +427,7 @@ def cmd_serve(args) -> int:
 
     check_method(args.method)  # bad options fail before the model loads
     method_args = parse_method_args(args.method, args.method_arg)
+    kv = kv_config(args)
     if args.port > 65535:
         raise UserError(f"--port must be <= 65535, got {args.port}")
     try:
@@ -414,12 +446,12 @@ def cmd_serve(args) -> int:
     sock = bind_socket(args.host, args.port)
     lm = load(args.model, device=args.device, dtype=args.dtype)
     lm.drafter(args.method, method_args)  # build the drafter now: its errors show at startup
-    app = create_app(lm, args.method, method_args, api_key=args.api_key,
+    app = create_app(lm, args.method, method_args, kv=kv, api_key=args.api_key,
                      max_queue=args.max_queue, model_id=args.served_model_name,
                      request_timeout=args.request_timeout or None)
     # Listening only now: a client polling during the model load is refused, not left waiting.
     sock.listen(2048)  # uvicorn's default backlog
-    print(f"tokenlean: serving {lm.name} (method {args.method}) on "
+    print(f"tokenlean: serving {lm.name} (method {args.method}, kv {kv}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0

@@ -87,15 +87,20 @@ def check_prompt(prompt_ids: list[int], context: int, max_new_tokens: int) -> No
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
-def tree_mask(model, tree: DraftTree, positions: torch.Tensor) -> torch.Tensor:
-    """(N+1, cached + N+1) mask of [root, *tree]: every cached slot and the node's ancestors;
-    with a sliding window only what the model's window holds, as plain decoding sees.
-    The cache holds the accepted text only, so slot i holds position i."""
-    start = int(positions[0])
-    mask = torch.ones(len(positions), start + len(positions), dtype=torch.bool)
-    mask[:, start:] = tree.ancestor_mask()
-    window = model.window_mask(positions, torch.cat([torch.arange(start), positions]))
-    return mask if window is None else mask & window
+def check_composition(policy, drafter) -> None:
+    """A policy that changes the cache or the attention while decoding would see a draft
+    tree's tokens at other moments than plain decoding does: refused, never inexact."""
+    if policy is not None and drafter is not None and policy.decode_time:
+        raise UserError(f"kv policy {policy.name!r} evicts or selects entries while decoding, "
+                        f"so speculative decoding could not stay exact under it; use a "
+                        f"prefill-time policy ({', '.join(prefill_policies())}) or "
+                        f"--method greedy")
+
+
+def prefill_policies() -> list[str]:
+    from tokenlean.kv.registry import POLICIES
+
+    return [name for name, cls in POLICIES.items() if not cls.decode_time]
 
 
 class SpecStats:
@@ -136,11 +141,20 @@ class SpecStats:
 
 def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams,
                  stop: Iterable[str] = (), stop_token_ids: Iterable[int] | None = None,
-                 drafter=None, method: str = "greedy"):
+                 drafter=None, method: str = "greedy", policy=None,
+                 question_ids: list[int] | None = None):
+    """Generate after `prompt_ids`. With a cache policy the prompt is prefilled (and
+    compressed) first; `question_ids`, if given, are then fed on the compressed cache
+    before the first token is chosen (kvpress's protocol: the question unseen by the
+    compression)."""
     model, tokenizer = lm.model, lm.tokenizer
+    check_composition(policy, drafter)
+    question_ids = list(question_ids or [])
     context = model.config.max_position_embeddings
-    check_prompt(prompt_ids, context, max_new_tokens)
-    budget = min(max_new_tokens, context - len(prompt_ids))
+    if policy is not None and policy.beyond_context:
+        context = len(prompt_ids) + len(question_ids) + max_new_tokens + 1  # no limit
+    check_prompt(prompt_ids + question_ids, context, max_new_tokens)
+    budget = min(max_new_tokens, context - len(prompt_ids) - len(question_ids))
     stop_ids = set(tokenizer.eos_ids if stop_token_ids is None else stop_token_ids)
     stops, detok = StopStrings(stop), tokenizer.detokenizer()
     generator = sampling.generator(model.device)
@@ -155,11 +169,19 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
     with torch.inference_mode():
         # 1. prefill: the prompt into the cache, the first token from its last position
         headroom = drafter.max_nodes + 1 if drafter else 0
-        cache = model.new_cache(min(context, len(prompt_ids) + budget) + headroom)
+        fed = len(prompt_ids) + len(question_ids)
+        cache = model.new_cache(min(context, fed + budget) + headroom)
         prompt = torch.tensor([prompt_ids], device=model.device)
-        new = [choose(model(prompt, cache=cache, last_n=1)[0, -1])]
+        if policy is None:
+            logits = model(prompt, cache=cache, last_n=1)[0, -1]
+        else:
+            logits = policy.prefill(model, cache, prompt, room=budget + headroom + len(question_ids))
+        if question_ids:
+            logits = model(torch.tensor([question_ids], device=model.device), cache=cache,
+                           last_n=1)[0, -1]
+        new = [choose(logits)]
         t_prefill = time.perf_counter()
-        history = list(prompt_ids)  # prompt + everything emitted: what drafters look at
+        history = list(prompt_ids) + question_ids  # what drafters look at
         if drafter:
             drafter.start(history, sampling)
         out: list[int] = []
@@ -185,7 +207,7 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
             history.extend(new)
             root = new[-1]  # chosen, not yet in the cache
             # 3. draft: a tree of guesses that fits the budget and the context
-            max_depth = min(budget - len(out) - 1, context - 1 - cache.length)
+            max_depth = min(budget - len(out) - 1, context - 1 - cache.seen)
             tree = None
             if drafter and max_depth > 0:
                 t0 = time.perf_counter()
@@ -198,17 +220,17 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
                 continue
             # 4. verify: score [root, *tree] in one forward, keep the longest lossless path
             t0 = time.perf_counter()
-            start = cache.length
-            positions = tree.positions(start)
+            positions = tree.positions(cache.next_position)
             tokens = torch.tensor([[root, *tree.tokens]], device=model.device)
+            # [root, *tree] see every cached slot and their own ancestors
             logits = model(tokens, positions.to(model.device), cache,
-                           tree_mask(model, tree, positions).to(model.device))[0]
+                           tree.ancestor_mask().to(model.device))[0]
             if sampling.greedy:
                 accepted = verify_greedy(tree, logits)
             else:
                 accepted = verify_sampling(tree, logits, sampling, generator)
-            kept = torch.tensor([start + 1 + n for n in accepted.nodes], dtype=torch.long)
-            cache.keep(kept, start=start + 1)  # root + accepted path; the rest is dropped
+            kept = torch.tensor([0] + [1 + n for n in accepted.nodes], dtype=torch.long)
+            cache.keep_new(len(tree) + 1, kept)  # root + accepted path; the rest is dropped
             spec.verify_s += time.perf_counter() - t0
             spec.record(tree, accepted)
             drafter.observe(tree, logits, accepted)
@@ -240,6 +262,8 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
     }
     if drafter:
         stats.update(spec.to_json(), **drafter.info())
+    if policy is not None:
+        stats.update(policy.info(cache))
     return GenerationResult(
         text=stops.text[: stops.sent],
         token_ids=out,

@@ -10,6 +10,7 @@ import torch
 
 from tokenlean.decode import Generation, GenerationResult, decode_steps
 from tokenlean.errors import UserError
+from tokenlean.kv.registry import KVConfig
 from tokenlean.model.load import checkpoint_path, load_checkpoint
 from tokenlean.model.tokenizer import Tokenizer
 from tokenlean.model.transformer import Transformer
@@ -46,19 +47,25 @@ class LM:
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128,
                sampling: SamplingParams | None = None, stop: Iterable[str] = (),
                stop_token_ids: Iterable[int] | None = None, method: str = "greedy",
-               method_args: list[str] | dict | None = None) -> Generation:
-        """Iterate for text deltas; `.result` is set at the end."""
+               method_args: list[str] | dict | None = None, kv: KVConfig | None = None,
+               question: str | list[int] | None = None) -> Generation:
+        """Iterate for text deltas; `.result` is set at the end. `kv`: a cache policy and
+        budget (a fresh policy per generation). `question`: fed after the prompt was
+        prefilled and compressed (kvpress's protocol), before the first token."""
         drafter = self.drafter(method, method_args)
+        policy = kv.make() if kv is not None else None
         return Generation(decode_steps(self, self.encode(prompt), max_new_tokens,
                                        sampling or SamplingParams(), stop, stop_token_ids,
-                                       drafter=drafter, method=method))
+                                       drafter=drafter, method=method, policy=policy,
+                                       question_ids=self.encode(question) if question else None))
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128,
                  sampling: SamplingParams | None = None, stop: Iterable[str] = (),
                  stop_token_ids: Iterable[int] | None = None, method: str = "greedy",
-                 method_args: list[str] | dict | None = None) -> GenerationResult:
+                 method_args: list[str] | dict | None = None, kv: KVConfig | None = None,
+                 question: str | list[int] | None = None) -> GenerationResult:
         generation = self.stream(prompt, max_new_tokens, sampling, stop, stop_token_ids,
-                                 method, method_args)
+                                 method, method_args, kv, question)
         for _ in generation:
             pass
         return generation.result

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenlean.model.attention import attend
 from tokenlean.model.cache import KVCache
 from tokenlean.model.config import ModelConfig
 
@@ -68,6 +69,7 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
+        self.window = c.sliding_window
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
@@ -100,14 +102,9 @@ class Attention(nn.Module):
         qk = apply_rope(qk.transpose(1, 2), cos, sin)  # (B, H + H_kv, T, D)
         q, k = qk[:, :H], qk[:, H:]  # (B, H, T, D), (B, H_kv, T, D)
         v = v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.write(self.layer, k, v)  # (B, H_kv, S, D), S = cached + T
-            q = q.to(k.dtype)  # attention in the cache's dtype (Transformer.kv_dtype)
-        gqa = self.n_heads != self.n_kv
-        if mask is None and cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if cache is not None:  # attention in the cache's dtype (Transformer.kv_dtype)
+            q, k, v = q.to(cache.dtype), k.to(cache.dtype), v.to(cache.dtype)
+        out = attend(q, k, v, cache, self.layer, mask, self.window)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
 
@@ -152,11 +149,16 @@ class Transformer(nn.Module):
     """`forward(tokens, positions, cache, mask) -> logits`.
 
     - tokens, positions: (B, T) (positions may be (T,) for all rows).
-    - cache: new keys/values go to the slots after `cache.length`; the cache is
-      advanced by T afterwards. None: a plain causal forward (training).
-    - mask: bool (T, S) or (B, T, S) over the S = cached + T slots, True = attend.
-      None with a cache: every cached slot plus causal among the new tokens.
+    - positions default to the cache's `next_position` onwards.
+    - cache: the new keys/values join every layer; `cache.seen` grows by T. None:
+      a plain causal forward (training).
+    - mask: bool, True = attend, over the new tokens (T, T) or (B, T, T) -- every
+      cached slot is then visible -- or, for a cache every head of which holds the
+      same slots, over cached + new (T, S) / (B, T, S). None: causal. A sliding
+      window is applied from the positions the cache stores.
     - last_n: only compute logits for the last n positions (prefill needs one).
+    - stop_after: run layers 0..stop_after only and return None (GemFilter reads
+      that layer's attention through the cache policy).
     """
 
     def __init__(self, config: ModelConfig):
@@ -192,25 +194,15 @@ class Transformer(nn.Module):
         return self.dtype
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        return KVCache.for_model(self.config, capacity, batch, self.kv_dtype, self.device)
+        cache = KVCache.for_model(self.config, capacity, batch, self.kv_dtype, self.device)
+        cache.inv_freq = self.inv_freq
+        return cache
 
     def window_mask(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
         """(Q, K) True where key position lies within the sliding window of the query
         position; None for a model without a window."""
         window = self.config.sliding_window
         return keys[None, :] > queries[:, None] - window if window else None
-
-    def causal_mask(self, T: int, cached: int) -> torch.Tensor | None:
-        """(T, cached + T) mask: all cached slots, causal among new ones, sliding window if any."""
-        window = self.config.sliding_window
-        if T == 1 and not (window and cached + 1 > window):
-            return None
-        rows = torch.arange(cached, cached + T, device=self.device)
-        cols = torch.arange(cached + T, device=self.device)
-        mask = cols[None, :] <= rows[:, None]
-        if window:
-            mask &= self.window_mask(rows, cols)
-        return mask
 
     def forward(
         self,
@@ -219,15 +211,20 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
         last_n: int | None = None,
-    ) -> torch.Tensor:
+        stop_after: int | None = None,
+    ) -> torch.Tensor | None:
         B, T = tokens.shape
-        cached = cache.length if cache is not None else 0
+        start = cache.next_position if cache is not None else 0
         if positions is None:
-            positions = torch.arange(cached, cached + T, device=tokens.device)
-        if mask is None and (cache is not None or self.config.sliding_window):
-            mask = self.causal_mask(T, cached)
-        if mask is not None and mask.dim() == 3:
+            positions = torch.arange(start, start + T, device=tokens.device)
+        if mask is None and T > 1 and (cache is not None or self.config.sliding_window):
+            mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            if cache is None:
+                mask &= self.window_mask(positions, positions)
+        if mask is not None and mask.dim() == 3 and cache is None:
             mask = mask[:, None]  # (B, 1, T, S) broadcasts over heads
+        if cache is not None:
+            cache.begin(positions)
         freqs = positions.float()[..., None] * self.inv_freq  # (B?, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(self.dtype), signed_sin(emb.sin().to(self.dtype))
@@ -235,8 +232,10 @@ class Transformer(nn.Module):
             cos, sin = cos[:, None], sin[:, None]
 
         x = self.model.embed_tokens(tokens)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, mask)
+            if i == stop_after:
+                return None
         if cache is not None:
             cache.advance(T)
         if last_n is not None:

@@ -113,13 +113,14 @@ def served_name(name: str) -> str:
     return Path(name).name if ("/" in name or Path(name).exists()) else name
 
 
-def create_app(lm, method: str = "greedy", method_args: dict | None = None,
+def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=None,
                api_key: str | None = None, max_queue: int = 64,
                model_id: str | None = None, request_timeout: float | None = 300.0) -> FastAPI:
     """`request_timeout`: seconds from arrival after which a request still waiting or
-    generating is cancelled and answered with a 504 `timeout` error (None or <= 0: no limit)."""
+    generating is cancelled and answered with a 504 `timeout` error (None or <= 0: no limit).
+    `kv`: the server's KV-cache policy (kv.registry.KVConfig), the same for every request."""
     metrics = Metrics()
-    engine = Engine(lm, method, method_args, max_queue=max_queue, metrics=metrics)
+    engine = Engine(lm, method, method_args, kv=kv, max_queue=max_queue, metrics=metrics)
     model_id = model_id or served_name(lm.name)
     accepted_names = {model_id, lm.name, str(lm.folder)}
     created = int(time.time())
@@ -185,7 +186,8 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None,
     async def models():
         return {"object": "list", "data": [{
             "id": model_id, "object": "model", "created": created, "owned_by": "tokenlean",
-            "max_model_len": lm.context, "method": method}]}
+            "max_model_len": lm.context, "method": method,
+            "kv_policy": str(kv) if kv is not None else "none"}]}
 
     def check_common(body: SamplingFields) -> SamplingParams:
         if body.model is not None and body.model not in accepted_names:

@@ -68,8 +68,9 @@ class Job:
 
 class Engine:
     def __init__(self, lm, method: str = "greedy", method_args: dict | None = None,
-                 max_queue: int = 64, metrics=None):
+                 kv=None, max_queue: int = 64, metrics=None):
         self.lm, self.method, self.method_args = lm, method, method_args or {}
+        self.kv = kv  # a KVConfig: a fresh policy per request
         self.metrics = metrics
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.busy = False
@@ -123,7 +124,8 @@ class Engine:
 
     def _generate(self, job: Job) -> None:
         generation = self.lm.stream(job.prompt_ids, job.max_tokens, job.sampling, stop=job.stop,
-                                    method=self.method, method_args=self.method_args)
+                                    method=self.method, method_args=self.method_args,
+                                    kv=self.kv)
         steps = iter(generation)
         last = None
         for delta in steps:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from tokenlean.errors import UserError
+from tokenlean.options import parse_options
 from tokenlean.spec.drafter import Drafter
 from tokenlean.spec.drafters.draft_model import DraftModel
 from tokenlean.spec.drafters.hybrid import LookupRecycling
@@ -22,41 +23,9 @@ def method_names() -> list[str]:
 def parse_method_args(method: str, pairs: list[str] | dict | None) -> dict:
     """['k=v', ...] (or a dict) -> typed keyword arguments for the method's Params."""
     check_method(method)
-    if not pairs:
-        return {}
-    if method == BASELINE:
+    if pairs and method == BASELINE:
         raise UserError(f"method {BASELINE!r} takes no options")
-    fields = {f.name: f for f in dataclasses.fields(DRAFTERS[method].Params)}
-    items = pairs.items() if isinstance(pairs, dict) else [_split(p) for p in pairs]
-    out = {}
-    for key, value in items:
-        if key not in fields:
-            raise UserError(f"unknown option {key!r} for method {method!r}; "
-                            f"valid: {', '.join(fields) or 'none'}")
-        default = fields[key].default
-        try:
-            out[key] = type(default)(value) if not isinstance(default, bool) else _bool(value)
-        except (TypeError, ValueError):
-            raise UserError(f"option {key}={value!r} for {method!r} must be a "
-                            f"{type(default).__name__}") from None
-    return out
-
-
-def _split(pair: str) -> tuple[str, str]:
-    key, sep, value = pair.partition("=")
-    if not sep or not key:
-        raise UserError(f"method option {pair!r} must look like key=value")
-    return key.strip(), value.strip()
-
-
-def _bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(value).lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
+    return parse_options(DRAFTERS[method].Params if pairs else None, pairs, f"method {method!r}")
 
 
 def check_method(method: str) -> None:
