@@ -235,3 +235,26 @@ def test_allocated_kv_bytes_fall_in_proportion_to_the_budget(tiny_lm, name):
     quarter = tiny_lm.generate(ids, 4, kv=KVConfig(name, "0.25")).stats["kv_bytes_allocated"]
     # 25 % of the prompt + room for the 4 new tokens, + positions (int64) per entry
     assert quarter < 0.25 * full * 1.25 + 4 * full / len(ids)
+
+
+# --- the server: one policy for every request -----------------------------------------------
+
+
+def test_server_applies_its_kv_policy_to_every_request(tiny_lm):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from tokenlean.serve.app import create_app
+
+    kv = KVConfig("snapkv", "0.25")
+    with TestClient(create_app(tiny_lm, kv=kv)) as client:
+        models = client.get("/v1/models").json()["data"][0]
+        assert models["kv_policy"] == "snapkv@0.25"
+        body = {"model": models["id"], "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+        text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert text == tiny_lm.generate(PROMPT, 12, kv=kv).text
+
+
+def test_serve_cli_checks_the_policy_before_loading_the_model(capsys):
+    assert_user_error(*run_cli(capsys, "serve", "--model", "/no/such/model",
+                               "--kv-policy", "snapkv", "--kv-budget", "0"), "above 0")
