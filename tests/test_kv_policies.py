@@ -184,10 +184,10 @@ def snapkv_scores_by_hand(q, keys, window, kernel):
             logits = (q[0, h, t] @ keys[0, h // group].T) / math.sqrt(D)
             logits[t + 1 :] = float("-inf")
             scores[h // group] += logits.softmax(-1) / (window * group)
-    pooled = torch.zeros_like(scores)
-    for i in range(n):
-        lo, hi = max(0, i - kernel // 2), min(n, i + kernel // 2 + 1)
-        pooled[:, i] = scores[:, lo:hi].mean(-1)
+    pooled = scores.clone()  # the window's own entries are kept whatever their score
+    for i in range(n - window):  # a centred mean, zeros past the ends
+        lo, hi = max(0, i - kernel // 2), min(n - window, i + kernel // 2 + 1)
+        pooled[:, i] = scores[:, lo:hi].sum(-1) / kernel
     return pooled
 
 

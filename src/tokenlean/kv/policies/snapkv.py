@@ -25,7 +25,7 @@ class SnapKV(ScorePolicy):
 
     @dataclass
     class Params:
-        window: int = 32  # observation window: the last queries of the prompt
+        window: int = 64  # observation window: the last queries of the prompt (kvpress's 64)
         kernel: int = 5  # average-pooling width over the scores
 
     @property
@@ -36,7 +36,10 @@ class SnapKV(ScorePolicy):
         attn = observation_attention(q, keys, self.params.window)  # (B, H_kv, w, n)
         group = q.shape[1] // keys.shape[1]
         scores = attn.mean(dim=2) / group  # (B, H_kv, n): mean over window and group
-        return pool(scores, self.params.kernel)
+        # pooled over the entries before the window only (the window itself always stays)
+        w = attn.shape[2]
+        before = pool(scores[..., : scores.shape[-1] - w], self.params.kernel)
+        return torch.cat((before, scores[..., before.shape[-1] :]), dim=-1)
 
 
 def pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -44,6 +47,6 @@ def pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     if kernel <= 1:
         return scores
     B, H, n = scores.shape
-    pooled = F.avg_pool1d(scores.reshape(B * H, 1, n), kernel, stride=1, padding=kernel // 2,
-                          count_include_pad=False)
+    # zero-padded at the ends, as SnapKV's reference code and kvpress pool
+    pooled = F.avg_pool1d(scores.reshape(B * H, 1, n), kernel, stride=1, padding=kernel // 2)
     return pooled.view(B, H, -1)[..., :n]
