@@ -266,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--out", default="bench-results",
                     help="folder for the JSON result and PNG (default bench-results)")
 
+    from tokenlean.bench.kv import add_kv_bench_args
+
+    add_kv_bench_args(bsub.add_parser(
+        "kv", help="KV-cache compression: RULER-style accuracy, streaming perplexity, memory "
+                   "and speed per policy and budget, kvpress beside",
+        description="KV-cache policies at several budgets and context lengths: accuracy on "
+                    "RULER-style tasks generated here (the context prefilled and compressed "
+                    "before the question, as kvpress does), streaming perplexity, prefill "
+                    "time, decode ms per token and KV bytes allocated; kvpress's presses on "
+                    "the same weights and samples with --peers kvpress. Table, JSON, PNG."))
+
     bv = bsub.add_parser("serve", help="load-test an OpenAI-compatible server, vllm bench serve "
                          "style: throughput, TTFT / ITL / E2E, speculative decoding",
                          description="Streaming greedy completions of held-out code prompts "
@@ -470,8 +481,12 @@ def cmd_bench(args) -> int:
         from tokenlean.bench.serve import run_serve_bench
 
         run_serve_bench(args)
+    elif args.bench_command == "kv":
+        from tokenlean.bench.kv import run_from_args
+
+        return run_from_args(args)
     else:
-        raise UserError("bench needs a command: decode, spec or serve "
+        raise UserError("bench needs a command: decode, spec, kv or serve "
                         "(see tokenlean bench --help)")
     return 0
 
