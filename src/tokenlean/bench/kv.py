@@ -58,8 +58,8 @@ from tokenlean.errors import UserError
 
 DEFAULT_BUDGETS = "0.1,0.25,0.5"
 DEFAULT_CONTEXT = "2048"
-KVPRESS_COUNTERPART = {"snapkv": "snapkv", "adakv": "adakv", "streaming": "streaming_llm",
-                       "h2o": "observed_attention"}
+KVPRESS_COUNTERPART = {"none": "full", "snapkv": "snapkv", "adakv": "adakv_snapkv",
+                       "streaming": "streaming_llm", "h2o": "observed_attention"}
 KV_BYTES_NOTE = ("kv_bytes_allocated: the most the generation's cache held allocated at the "
                  "start of any forward (after prefill, every decode step) and at the end; the "
                  "transient inside the prefill forward is not seen. kv_bytes_full: the full "
