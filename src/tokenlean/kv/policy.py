@@ -141,8 +141,12 @@ class ScorePolicy(CachePolicy):
             return
         keys, values = kv.view()
         scores = self.score(layer, q, keys, values)[0]  # (H_kv, n), batch 1
-        kv.keep(top_k_with_window(scores, keep, self.window))
+        kv.keep(self.select(scores, keep))
         kv.shrink(self.room)
+
+    def select(self, scores: torch.Tensor, keep: int):
+        """Per head, the ascending slots to keep: `keep` each by default."""
+        return top_k_with_window(scores, keep, self.window)
 
 
 def top_k_with_window(scores: torch.Tensor, keep: int, window: int) -> torch.Tensor:

@@ -26,16 +26,8 @@ class AdaKV(SnapKV):
     class Params(SnapKV.Params):
         alpha: float = 0.2  # share of the per-head budget every head keeps
 
-    def after_attention(self, layer, q, kv, cache) -> None:
-        if not self.prefilling:
-            return
-        n, keep = kv.length, self.kept()
-        if keep >= n:
-            return
-        keys, values = kv.view()
-        scores = self.score(layer, q, keys, values)[0]  # (H_kv, n)
-        kv.keep(adaptive_selection(scores, keep, self.params.window, self.params.alpha))
-        kv.shrink(self.room)
+    def select(self, scores, keep):
+        return adaptive_selection(scores, keep, self.params.window, self.params.alpha)
 
 
 def adaptive_selection(scores: torch.Tensor, keep: int, window: int, alpha: float) -> list[torch.Tensor]:
