@@ -40,3 +40,9 @@ def test_package_description_says_what_exists():
                             re.M).group(1)
     assert "speculative decoding" in description
     assert "KV-cache compression" not in description or "planned" in description
+
+
+def test_readme_kv_policies_table_matches_the_registry():
+    from tokenlean.kv.registry import policies_markdown
+
+    assert policies_markdown() in README, "regenerate it: python -m tokenlean.kv.registry"

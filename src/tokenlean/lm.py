@@ -93,4 +93,5 @@ def load(name: str | None = None, device: str | None = None, dtype: str | torch.
     """Load a model and its tokenizer; no name -> the embedded tl-code."""
     name, folder = resolve_model(name)
     model, tokenizer = load_checkpoint(folder, device=device, dtype=dtype)
+    model.name = Path(name).name  # what per-model files (duo's calibration) are named after
     return LM(name, folder, model, tokenizer)

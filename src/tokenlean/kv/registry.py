@@ -82,3 +82,7 @@ class KVConfig:
 
     def __str__(self) -> str:
         return self.policy if self.policy == NONE else f"{self.policy}@{Budget.parse(self.budget)}"
+
+
+if __name__ == "__main__":
+    print(policies_markdown())
