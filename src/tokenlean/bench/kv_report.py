@@ -125,7 +125,7 @@ def plot_kv(result: dict, path: Path):
                  f"{setup['samples_per_task']} samples x {len(setup['max_new_tokens'])} tasks, "
                  f"{result['date'][:10]}", fontsize="medium")
     fig.tight_layout(rect=(0, 0.05 * rows + 0.02, 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend sits below the axes
     plt.close(fig)
     return Path(path), None
 

@@ -13,8 +13,18 @@ With no policy the cost is one attribute check per layer.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
+
+
+@lru_cache(maxsize=8)
+def causal_mask(T: int, device: torch.device) -> torch.Tensor:
+    """(T, T) the default mask among T new tokens, one object per size: `dense` knows it by
+    identity and then runs the fused causal kernel (an explicit (T, T) bool mask takes
+    torch's slower masked path: ~1.6x the prefill time at 4K tokens)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
 def expand_mask(mask: torch.Tensor | None, T: int, cached: int) -> torch.Tensor | None:
@@ -64,6 +74,9 @@ def dense(q, k_new, v_new, cache, layer: int, mask, window) -> torch.Tensor:
     kv.write(k_new, v_new, cache.new_pos)
     if kv.uniform:
         k, v = kv.view()
+        if mask is causal_mask(T, q.device) and k.shape[2] == T and not window:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
         full = expand_mask(mask, T, k.shape[2] - T)
         if window and k.shape[2] > 1:
             k_pos = kv.positions() if kv.own_pos is not None else cache.pos[:, : k.shape[2]]

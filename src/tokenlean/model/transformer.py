@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenlean.model.attention import attend
+from tokenlean.model.attention import attend, causal_mask
 from tokenlean.model.cache import KVCache
 from tokenlean.model.config import ModelConfig
 
@@ -218,9 +218,9 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
         if mask is None and T > 1 and (cache is not None or self.config.sliding_window):
-            mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            mask = causal_mask(T, tokens.device)
             if cache is None:
-                mask &= self.window_mask(positions, positions)
+                mask = mask & self.window_mask(positions, positions)
         if mask is not None and mask.dim() == 3 and cache is None:
             mask = mask[:, None]  # (B, 1, T, S) broadcasts over heads
         if cache is not None:
