@@ -223,9 +223,9 @@ def test_kvpress_peer_rows(model, tmp_path, monkeypatch):
     result = kvbench.run_kv_bench(kv_args(model, tmp_path, "--policies", "none,snapkv",
                                           "--budgets", "0.5", "--tasks", "niah_single",
                                           "--peers", "kvpress"))
-    assert seen["presses"] == ["snapkv"] and seen["budgets"] == [0.5]
+    assert seen["presses"] == ["full", "snapkv"] and seen["budgets"] == [0.5]
     assert all(isinstance(s, KVSample) for s in seen["samples"])
-    (row,) = [r for r in result["rows"] if r["kind"] == "kvpress"]
+    (row,) = [r for r in result["rows"] if r["kind"] == "kvpress" and "snapkv" in r["method"]]
     assert row["method"] == "kvpress:snapkv@0.5" and row["score"] == 1.0
     assert row["decode_ms_per_token"] == pytest.approx(100.0)
 
@@ -257,3 +257,18 @@ def test_bad_input_is_a_user_error_before_loading(model, tmp_path, monkeypatch, 
 
 def test_contexts_parse():
     assert kvbench.parse_contexts("2k,4K,8192") == [2048, 4096, 8192]
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o"])
+def test_ppl_fraction_budget_counts_the_models_context(model, policy):
+    """A stream has no prompt: 0.25 keeps a quarter of the context, not of the first chunk
+    (policies with their own prefill used to size their cache on the 64-token chunk)."""
+    from tokenlean.lm import load
+
+    lm = load(str(model), device="cpu", dtype="fp32")
+    ids = [10 + i % 300 for i in range(2 * CONTEXT)]
+    out = kvbench.stream_ppl(lm, kvbench.Method(f"{policy}@0.25", policy, "0.25"), ids, 64, 256)
+    c = lm.model.config
+    per_entry = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+    kept = out["kv_bytes_allocated"] / per_entry
+    assert CONTEXT // 4 <= kept <= CONTEXT // 4 + 2 * 64 + 16

@@ -337,11 +337,18 @@ def stream_ppl(lm, method: Method, ids: list[int], chunk: int, segment: int) -> 
     """Perplexity of a token stream fed `chunk` tokens per forward, the policy bound."""
     from tokenlean.kv.policy import CachePolicy
 
+    from tokenlean.kv.policy import Budget
+    from tokenlean.kv.registry import KVConfig
+
     model = lm.model
-    policy = method.config().make()
+    base = min(len(ids), lm.context)  # what a fraction budget counts
+    budget = method.budget
+    if budget is not None and Budget.parse(budget).is_fraction and Budget.parse(budget).value < 1:
+        # a stream has no prompt: the fraction is of the model's context, as a token count
+        budget = str(Budget.parse(budget).tokens(base))
+    policy = KVConfig(method.policy, budget, method.args).make()
     beyond = policy is not None and policy.beyond_context
     n = len(ids) if beyond else min(len(ids), lm.context)
-    base = min(len(ids), lm.context)  # what a fraction budget counts
     cache = model.new_cache(n)
     peak, nll = 0, []
     t0 = time.perf_counter()
