@@ -315,7 +315,8 @@ class _SlowLM:
     def __init__(self):
         self.stopped_early = []
 
-    def stream(self, ids, max_tokens, sampling, stop=(), method="greedy", method_args=None):
+    def stream(self, ids, max_tokens, sampling, stop=(), method="greedy", method_args=None,
+               kv=None):
         from tokenlean.decode import Generation, GenerationResult
 
         def steps():
