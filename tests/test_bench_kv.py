@@ -19,6 +19,7 @@ import pytest
 from tokenlean.bench import kv as kvbench
 from tokenlean.bench import kv_tasks
 from tokenlean.bench.kv_tasks import KVSample, make_sample, string_match_all
+from tokenlean.cli import add_kv_bench_args
 from tokenlean.errors import UserError
 from tokenlean.kv.policy import CachePolicy
 from tokenlean.model.tokenizer import Tokenizer
@@ -121,7 +122,7 @@ class KeepAll(CachePolicy):
 
 def kv_args(model, out, *extra) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    kvbench.add_kv_bench_args(parser)
+    add_kv_bench_args(parser)
     return parser.parse_args(["--model", str(model), "--device", "cpu", "--dtype", "fp32",
                               "--samples", "1", "--context", str(CONTEXT), "--threads", "1",
                               "--ppl-tokens", "320", "--out", str(out), *extra])

@@ -106,6 +106,63 @@ def kv_config(args):
     return kv
 
 
+def add_kv_bench_args(p: argparse.ArgumentParser) -> None:
+    """Every option of `tokenlean bench kv`, on its subparser."""
+    from tokenlean.bench.kv import (
+        DEFAULT_BUDGETS,
+        DEFAULT_CONTEXT,
+        KVPRESS_COUNTERPART,
+        MAX_NEW_TOKENS,
+        STYLES,
+        TASK_NAMES,
+    )
+    from tokenlean.kv.registry import policy_names
+
+    add_model_args(p)
+    p.add_argument("--policies", default=",".join(policy_names()), metavar="LIST",
+                   help="kv policies, comma-separated, options after colons "
+                        "(snapkv:window=64); none = the full cache (default: all of them, "
+                        f"{','.join(policy_names())})")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS, metavar="LIST",
+                   help=f"budgets, fractions of the prompt (0.25), percentages (25%%) or "
+                        f"token counts (512) (default {DEFAULT_BUDGETS})")
+    p.add_argument("--context", default=DEFAULT_CONTEXT, metavar="LIST",
+                   help="target lengths in tokens, e.g. 2048,4096,8192 or 2k,4k,8k: context + "
+                        f"question + new tokens (default {DEFAULT_CONTEXT})")
+    p.add_argument("--tasks", default=",".join(TASK_NAMES), metavar="LIST",
+                   help=f"comma-separated subset of {','.join(TASK_NAMES)} (default: all)")
+    p.add_argument("--samples", type=_positive_int, default=5, help="samples per task (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="task generator seed (default 0)")
+    p.add_argument("--max-new-tokens", "-n", type=_positive_int, default=None,
+                   help="tokens generated per sample (default per task: " +
+                        ", ".join(f"{k} {v}" for k, v in MAX_NEW_TOKENS.items()) + ")")
+    p.add_argument("--style", choices=("auto", *STYLES), default="auto",
+                   help="task wording: text (RULER's) or code (NAME = VALUE, the zoo's "
+                        "retrieval); auto (default): code for a zoo model, else text")
+    p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="wrap context + question as one user message of the chat template "
+                        "(the question still fed after the prefill); auto (default): on for "
+                        "a model with a chat template that is not a zoo model")
+    p.add_argument("--query-aware", action="store_true",
+                   help="also run each policy with the question inside the compressed prompt "
+                        "(rows labelled query-aware)")
+    p.add_argument("--ppl-tokens", type=_positive_int, default=4096,
+                   help="length of the streaming-perplexity stream (default 4096)")
+    p.add_argument("--ppl-chunk", type=_positive_int, default=64,
+                   help="tokens fed per forward of the stream (default 64)")
+    p.add_argument("--ppl-segment", type=_positive_int, default=256,
+                   help="tokens per reported perplexity segment (default 256)")
+    p.add_argument("--peers", default="none", help="kvpress or none (default none)")
+    p.add_argument("--kvpress-presses", default=None, metavar="LIST",
+                   help="kvpress presses (default: the counterparts of the policies asked "
+                        f"for: {', '.join(f'{k}->{v}' for k, v in KVPRESS_COUNTERPART.items())})")
+    p.add_argument("--kvpress-python", default=None, metavar="PATH",
+                   help="the python of the environment kvpress is installed in")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="bench-results",
+                   help="folder for the JSON result and PNGs (default bench-results)")
+
+
 def add_bench_run_args(p: argparse.ArgumentParser, prompts: int, prompts_help: str,
                        prompt_tokens_help: str, threads_help: str) -> None:
     """Prompt count and size, new tokens, repetitions and threads of a side-by-side bench."""
@@ -265,8 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "num_pred_tokens (default 10)")
     bs.add_argument("--out", default="bench-results",
                     help="folder for the JSON result and PNG (default bench-results)")
-
-    from tokenlean.bench.kv import add_kv_bench_args
 
     add_kv_bench_args(bsub.add_parser(
         "kv", help="KV-cache compression: RULER-style accuracy, streaming perplexity, memory "
