@@ -94,15 +94,10 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
 
 def kv_config(args):
     """The --kv-* options, checked (before any model loads); also against --method."""
-    from tokenlean.decode import prefill_policies
-    from tokenlean.kv.registry import KVConfig
+    from tokenlean.kv.registry import KVConfig, check_with_drafting
 
     kv = KVConfig(args.kv_policy, args.kv_budget, tuple(args.kv_arg))
-    if kv.decode_time and getattr(args, "method", "greedy") != "greedy":
-        raise UserError(f"--kv-policy {kv.policy} evicts or selects entries while decoding, "
-                        f"so --method {args.method} could not stay exact under it; use a "
-                        f"prefill-time policy ({', '.join(prefill_policies())}) or "
-                        f"--method greedy")
+    check_with_drafting(kv.policy, args.method != "greedy")
     return kv
 
 

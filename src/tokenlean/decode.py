@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenlean.errors import UserError
+from tokenlean.kv.registry import check_with_drafting
 from tokenlean.sampling import SamplingParams, probabilities, sample
 from tokenlean.spec.tree import DraftTree
 from tokenlean.spec.verify import Accepted, verify_greedy, verify_sampling
@@ -87,22 +88,6 @@ def check_prompt(prompt_ids: list[int], context: int, max_new_tokens: int) -> No
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
-def check_composition(policy, drafter) -> None:
-    """A policy that changes the cache or the attention while decoding would see a draft
-    tree's tokens at other moments than plain decoding does: refused, never inexact."""
-    if policy is not None and drafter is not None and policy.decode_time:
-        raise UserError(f"kv policy {policy.name!r} evicts or selects entries while decoding, "
-                        f"so speculative decoding could not stay exact under it; use a "
-                        f"prefill-time policy ({', '.join(prefill_policies())}) or "
-                        f"--method greedy")
-
-
-def prefill_policies() -> list[str]:
-    from tokenlean.kv.registry import POLICIES
-
-    return [name for name, cls in POLICIES.items() if not cls.decode_time]
-
-
 class SpecStats:
     """Drafted / accepted counts, per depth, and the time split of a generation."""
 
@@ -148,7 +133,8 @@ def decode_steps(lm, prompt_ids: list[int], max_new_tokens: int, sampling: Sampl
     before the first token is chosen (kvpress's protocol: the question unseen by the
     compression)."""
     model, tokenizer = lm.model, lm.tokenizer
-    check_composition(policy, drafter)
+    if policy is not None:
+        check_with_drafting(policy.name, drafter is not None)
     question_ids = list(question_ids or [])
     context = model.config.max_position_embeddings
     if policy is not None and policy.beyond_context:

@@ -37,6 +37,16 @@ def check_policy(name: str, budget=None, args=None) -> None:
     parse_options(POLICIES[name].Params, args, f"kv policy {name!r}")
 
 
+def check_with_drafting(name: str, drafting: bool) -> None:
+    """A policy that changes the cache or the attention while decoding would see a draft
+    tree's tokens at other moments than plain decoding does: refused, never inexact."""
+    if drafting and name in POLICIES and POLICIES[name].decode_time:
+        exact = ", ".join(n for n, cls in POLICIES.items() if not cls.decode_time)
+        raise UserError(f"kv policy {name!r} evicts or selects entries while decoding, so "
+                        f"speculative decoding could not stay exact under it; use a "
+                        f"prefill-time policy ({exact}) or --method greedy")
+
+
 def make_policy(name: str | None, budget=None, args: list[str] | dict | None = None):
     """A new policy (one per generation: it holds that sequence's state); None for 'none'."""
     name = name or NONE
@@ -75,10 +85,6 @@ class KVConfig:
 
     def make(self):
         return make_policy(self.policy, self.budget, list(self.args))
-
-    @property
-    def decode_time(self) -> bool:
-        return self.policy != NONE and POLICIES[self.policy].decode_time
 
     def __str__(self) -> str:
         return self.policy if self.policy == NONE else f"{self.policy}@{Budget.parse(self.budget)}"

@@ -74,7 +74,7 @@ def dense(q, k_new, v_new, cache, layer: int, mask, window) -> torch.Tensor:
     kv.write(k_new, v_new, cache.new_pos)
     if kv.uniform:
         k, v = kv.view()
-        if mask is causal_mask(T, q.device) and k.shape[2] == T and not window:
+        if T > 1 and mask is causal_mask(T, q.device) and k.shape[2] == T and not window:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                   enable_gqa=q.shape[1] != k.shape[1])
         full = expand_mask(mask, T, k.shape[2] - T)
