@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenlean.decode import StopStrings
+from tokenlean.engine.text import StopStrings
 from tokenlean.errors import UserError
 from tokenlean.model.tokenizer import Tokenizer
 from tokenlean.sampling import SamplingParams

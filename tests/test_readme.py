@@ -6,14 +6,14 @@ import re
 from pathlib import Path
 
 from tokenlean.cli import build_parser
-from tokenlean.spec.registry import methods_markdown
+from tokenlean.spec_decode.registry import methods_markdown
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 
 
 def test_readme_methods_table_matches_the_registry():
-    assert methods_markdown() in README, "regenerate it: python -m tokenlean.spec.registry"
+    assert methods_markdown() in README, "regenerate it: python -m tokenlean.spec_decode.registry"
 
 
 def test_readme_links_stay_inside_the_repository():

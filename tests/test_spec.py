@@ -20,9 +20,9 @@ from tokenlean.decode import Generation, decode_steps
 from tokenlean.errors import UserError
 from tokenlean.lm import LM
 from tokenlean.sampling import SamplingParams
-from tokenlean.spec.drafter import Drafter
-from tokenlean.spec.registry import DRAFTERS, make_drafter, method_names, parse_method_args
-from tokenlean.spec.tree import DraftTree
+from tokenlean.spec_decode.drafter import Drafter
+from tokenlean.spec_decode.registry import DRAFTERS, make_drafter, method_names, parse_method_args
+from tokenlean.spec_decode.tree import DraftTree
 
 METHODS = sorted(DRAFTERS)
 
@@ -578,7 +578,7 @@ def test_recycling_matrix_save_load_roundtrip(tiny_lm, tmp_path):
 # --- hybrid: the prompt-lookup chain grafted onto the recycling tree --------------------------
 
 def test_graft_shares_the_nodes_the_tree_already_has():
-    from tokenlean.spec.drafters.hybrid import graft
+    from tokenlean.spec_decode.drafters.hybrid import graft
 
     tree = DraftTree(TOKENS, PARENTS)  # root -> 10 -> 13 -> 15 is a path of it
     grafted = graft(tree, [10, 13, 15, 99, 98])
@@ -618,8 +618,8 @@ def test_hybrid_bad_option_is_a_user_error(tiny_lm, option):
 def test_recycling_tree_is_sized_from_the_measured_forward_cost(monkeypatch):
     """num_nodes=0: a GPU-like flat cost takes the largest tree, a CPU-like growing cost a
     small one; a chain scored alongside (hybrid) counts in the cost and in the tokens."""
-    from tokenlean.spec import budget
-    from tokenlean.spec.drafters.recycling import device_sized_nodes, expected_tokens, tree_template
+    from tokenlean.spec_decode import budget
+    from tokenlean.spec_decode.drafters.recycling import device_sized_nodes, expected_tokens, tree_template
 
     def sized(costs, **extra):
         monkeypatch.setattr(budget, "forward_costs", lambda model: costs)
@@ -643,7 +643,7 @@ def test_recycling_tree_is_sized_from_the_measured_forward_cost(monkeypatch):
 def test_forward_costs_are_non_decreasing_in_the_tree_size(tiny_lm):
     """Timing noise must not make a bigger tree look cheaper than a smaller one: the
     measured costs are fitted to a non-decreasing curve (pool adjacent violators)."""
-    from tokenlean.spec.budget import forward_costs, non_decreasing
+    from tokenlean.spec_decode.budget import forward_costs, non_decreasing
 
     assert non_decreasing([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
     assert non_decreasing([5.0, 1.0, 0.0]) == [2.0, 2.0, 2.0]

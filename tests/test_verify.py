@@ -32,9 +32,9 @@ import torch
 from tokenlean.lm import LM
 from tokenlean.model.tokenizer import IncrementalDetokenizer
 from tokenlean.sampling import SamplingParams, probabilities
-from tokenlean.spec.registry import DRAFTERS
-from tokenlean.spec.tree import DraftTree
-from tokenlean.spec.verify import verify_sampling
+from tokenlean.spec_decode.registry import DRAFTERS
+from tokenlean.spec_decode.tree import DraftTree
+from tokenlean.spec_decode.verify import verify_sampling
 
 DELTA = 1e-3
 

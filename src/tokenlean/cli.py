@@ -68,7 +68,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
-    from tokenlean.spec.registry import BASELINE, DRAFTERS
+    from tokenlean.spec_decode.registry import BASELINE, DRAFTERS
 
     names = "; ".join(f"{name}: {cls.summary}" for name, cls in DRAFTERS.items())
     p.add_argument("--method", default=BASELINE,
@@ -377,7 +377,7 @@ def read_prompt(args) -> str:
 def cmd_generate(args) -> int:
     from tokenlean.lm import load
     from tokenlean.sampling import SamplingParams
-    from tokenlean.spec.registry import check_method, parse_method_args
+    from tokenlean.spec_decode.registry import check_method, parse_method_args
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     check_method(args.method)  # bad options fail before the model loads
@@ -484,7 +484,7 @@ def bind_socket(host: str, port: int):
 
 
 def cmd_serve(args) -> int:
-    from tokenlean.spec.registry import check_method, parse_method_args
+    from tokenlean.spec_decode.registry import check_method, parse_method_args
 
     check_method(args.method)  # bad options fail before the model loads
     method_args = parse_method_args(args.method, args.method_arg)

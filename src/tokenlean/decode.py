@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenlean.engine.text import StopStrings, TextStream  # noqa: F401 (StopStrings: re-export)
 from tokenlean.errors import UserError
 from tokenlean.kv.registry import check_with_drafting
 from tokenlean.sampling import SamplingParams, probabilities, sample
-from tokenlean.spec.tree import DraftTree
-from tokenlean.spec.verify import Accepted, verify_greedy, verify_sampling
+from tokenlean.spec_decode.tree import DraftTree
+from tokenlean.spec_decode.verify import Accepted, verify_greedy, verify_sampling
 
 
 @dataclass
@@ -37,34 +38,6 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "stats": self.stats,
         }
-
-
-class StopStrings:
-    """Cuts the text at the first stop string; holds back a tail that may begin one."""
-
-    def __init__(self, stops: Iterable[str]):
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.sent = 0  # text[:sent] has been emitted
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Add new text; return (text safe to emit, whether a stop string was hit)."""
-        self.text += delta
-        # the stop string completed first (earliest end; of those, the longest) ends the
-        # text, so the cut does not depend on how the text was split into deltas
-        hits = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
-        if hits:
-            return self._emit(min(hits)[1]), True
-        hold = max((k for s in self.stops for k in range(1, len(s))
-                    if self.text.endswith(s[:k])), default=0)
-        return self._emit(len(self.text) - hold), False
-
-    def flush(self) -> str:
-        return self._emit(len(self.text))
-
-    def _emit(self, end: int) -> str:
-        out, self.sent = self.text[self.sent : end], max(self.sent, end)
-        return out
 
 
 class Generation:

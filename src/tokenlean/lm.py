@@ -36,7 +36,7 @@ class LM:
     def drafter(self, method: str = "greedy", method_args: list[str] | dict | None = None):
         """The drafter for a method, created once per (method, options) and then kept:
         drafters that learn (Token Recycling's matrix) carry over between requests."""
-        from tokenlean.spec.registry import make_drafter
+        from tokenlean.spec_decode.registry import make_drafter
 
         key = (method, repr(sorted(method_args.items()) if isinstance(method_args, dict)
                             else method_args or []))

@@ -401,7 +401,7 @@ def run_serve_bench(args) -> dict:
     from tokenlean.bench.prompts import heldout_prompts
     from tokenlean.lm import resolve_model
     from tokenlean.model.tokenizer import Tokenizer
-    from tokenlean.spec.registry import check_method, parse_method_args
+    from tokenlean.spec_decode.registry import check_method, parse_method_args
 
     _check_args(args)
     started = utc_now()

@@ -77,7 +77,7 @@ def _median(values: list[float | None]) -> float | None:
 def parse_methods(texts: list[str]) -> list[tuple[str, list[str], str]]:
     """'greedy,pld,recycling:num_nodes=16,max_depth=4,draft:model=X' -> [(method, options,
     spec)]. An item with '=' and no ':' before it continues the previous method's options."""
-    from tokenlean.spec.registry import DRAFTERS, check_method, parse_method_args
+    from tokenlean.spec_decode.registry import DRAFTERS, check_method, parse_method_args
 
     items: list[list[str]] = []  # [method, option, option, ...]
     for text in texts:

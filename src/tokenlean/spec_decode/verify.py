@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenlean.sampling import SamplingParams, probabilities, sample
-from tokenlean.spec.tree import DraftTree
+from tokenlean.spec_decode.tree import DraftTree
 
 
 @dataclass

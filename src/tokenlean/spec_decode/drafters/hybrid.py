@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenlean.spec.drafter import Drafter
-from tokenlean.spec.drafters.pld import PLDParams, PromptLookup
-from tokenlean.spec.drafters.recycling import RecyclingParams, TokenRecycling
-from tokenlean.spec.tree import DraftTree
-from tokenlean.spec.verify import Accepted
+from tokenlean.spec_decode.drafter import Drafter
+from tokenlean.spec_decode.drafters.pld import PLDParams, PromptLookup
+from tokenlean.spec_decode.drafters.recycling import RecyclingParams, TokenRecycling
+from tokenlean.spec_decode.tree import DraftTree
+from tokenlean.spec_decode.verify import Accepted
 
 # What the lookup chain added to the tokens per step of Token Recycling alone on the code,
 # HumanEval and edit tasks of `tokenlean bench spec` (0.7-1.6 on tl-code): a prior for sizing

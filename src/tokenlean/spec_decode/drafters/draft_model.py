@@ -20,8 +20,8 @@ import torch
 
 from tokenlean.errors import UserError
 from tokenlean.sampling import SamplingParams, probabilities, sample
-from tokenlean.spec.drafter import Drafter
-from tokenlean.spec.tree import DraftTree
+from tokenlean.spec_decode.drafter import Drafter
+from tokenlean.spec_decode.tree import DraftTree
 from tokenlean.zoo import DEFAULT_DRAFT
 
 

@@ -7,8 +7,8 @@ from typing import ClassVar
 import torch
 
 from tokenlean.sampling import SamplingParams
-from tokenlean.spec.tree import DraftTree
-from tokenlean.spec.verify import Accepted
+from tokenlean.spec_decode.tree import DraftTree
+from tokenlean.spec_decode.verify import Accepted
 
 
 class Drafter:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from tokenlean.errors import UserError
-from tokenlean.spec.drafter import Drafter
-from tokenlean.spec.tree import DraftTree
+from tokenlean.spec_decode.drafter import Drafter
+from tokenlean.spec_decode.tree import DraftTree
 
 # Prior weight of the r-th candidate, roughly how often rank r is the accepted one.
 RANK_WEIGHTS = (0.55, 0.17, 0.08, 0.05, 0.04, 0.03, 0.025, 0.02)
@@ -75,7 +75,7 @@ def device_sized_nodes(model, max_depth: int, k: int, extra_nodes: int = 0,
                        extra_tokens: float = 0.0) -> int:
     """Tree size that maximises expected tokens per second on this device, when every
     step also scores `extra_nodes` other draft tokens that add `extra_tokens` per step."""
-    from tokenlean.spec.budget import best_size, forward_costs
+    from tokenlean.spec_decode.budget import best_size, forward_costs
 
     costs = {size - extra_nodes: cost for size, cost in forward_costs(model).items()
              if size - extra_nodes > 1}

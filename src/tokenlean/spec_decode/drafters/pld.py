@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from tokenlean.spec.drafter import Drafter
-from tokenlean.spec.tree import DraftTree
+from tokenlean.spec_decode.drafter import Drafter
+from tokenlean.spec_decode.tree import DraftTree
 
 
 @dataclass

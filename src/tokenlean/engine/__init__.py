@@ -1,0 +1,1 @@
+"""The engine: sequences, the batched token step, the scheduler and the text layer."""
