@@ -309,55 +309,68 @@ def test_serve_on_an_invalid_host(tiny_model_dir):
     assert proc.stdout == ""
 
 
-class _SlowLM:
-    """Stands in for LM.stream: one "x" per 10 ms, so queueing and cancelling are observable."""
+class _SlowModel:
+    """The embedded model, 10 ms slower a step, so queueing and cancelling are observable."""
 
-    def __init__(self):
-        self.stopped_early = []
+    def __init__(self, model, delay: float = 0.01):
+        self._model, self._delay, self.steps = model, delay, 0
 
-    def stream(self, ids, max_tokens, sampling, stop=(), method="greedy", method_args=None,
-               kv=None):
-        from tokenlean.decode import Generation, GenerationResult
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
-        def steps():
-            n = 0
-            try:
-                while n < max_tokens:
-                    time.sleep(0.01)
-                    n += 1
-                    yield "x"
-            except GeneratorExit:
-                self.stopped_early.append(n)
-                raise
-            return GenerationResult("x" * n, [0] * n, len(ids), n, "length")
+    def forward_packed(self, segments):
+        time.sleep(self._delay)
+        self.steps += 1
+        return self._model.forward_packed(segments)
 
-        return Generation(steps())
+
+class _EndlessTokenizer:
+    """No end-of-text token: a generation runs to its max_tokens."""
+
+    eos_ids: list[int] = []
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def _slow_lm():
+    import dataclasses
+
+    from tokenlean.lm import load
+
+    lm = load()
+    return dataclasses.replace(lm, model=_SlowModel(lm.model),
+                               tokenizer=_EndlessTokenizer(lm.tokenizer), drafters={})
 
 
 def test_engine_queue_full_and_cancel():
     import asyncio
 
+    from tokenlean.engine.scheduler import SchedulerConfig
     from tokenlean.sampling import SamplingParams
     from tokenlean.serve.engine import Engine, Job, QueueFull
 
-    lm = _SlowLM()
-    engine = Engine(lm, max_queue=1)
+    lm = _slow_lm()
+    engine = Engine(lm, max_queue=1, config=SchedulerConfig(max_batch=1))  # one at a time
     engine.start()
 
     async def main():
         loop = asyncio.get_running_loop()
-        a = Job([1], 200, SamplingParams(), [], loop)
-        b = Job([1], 3, SamplingParams(), [], loop)
+        a = Job([1, 2], 200, SamplingParams(), [], loop)
+        b = Job([1, 2], 3, SamplingParams(), [], loop)
         engine.submit(a)
-        assert await asyncio.wait_for(a.out.get(), 5) == ("delta", "x")  # a is running
-        engine.submit(b)  # b waits: the queue holds one
+        assert (await asyncio.wait_for(a.out.get(), 5))[0] == "delta"  # a is running
+        engine.submit(b)  # b waits: the batch holds one
         with pytest.raises(QueueFull):
-            engine.submit(Job([1], 3, SamplingParams(), [], loop))
+            engine.submit(Job([1, 2], 3, SamplingParams(), [], loop))
         a.cancel()  # as a disconnected client does
         kind, result = None, None
         while kind != "done":
             kind, result = await asyncio.wait_for(b.out.get(), 5)
-        assert result.text == "xxx"
+        assert result.completion_tokens == 3
         kinds = []
         while not a.out.empty():
             kinds.append(a.out.get_nowait()[0])
@@ -367,7 +380,7 @@ def test_engine_queue_full_and_cancel():
         asyncio.run(main())
     finally:
         engine.stop()
-    assert lm.stopped_early and lm.stopped_early[0] < 200
+    assert lm.model.steps < 100  # a stopped early: 200 + 3 steps had it run to its end
 
 
 # --- property-based fuzzing of the request schema: no input gets a 5xx ---
@@ -424,7 +437,7 @@ def test_engine_request_timeout_cancels():
     from tokenlean.sampling import SamplingParams
     from tokenlean.serve.engine import Engine, Job, RequestTimeout
 
-    lm = _SlowLM()
+    lm = _slow_lm()
     engine = Engine(lm, max_queue=2)
     engine.start()
 
@@ -444,20 +457,7 @@ def test_engine_request_timeout_cancels():
         engine.stop()
     assert kinds[-1] == "error" and isinstance(value, RequestTimeout)
     assert "timeout" in str(value)
-    assert lm.stopped_early and lm.stopped_early[0] < 500
-
-
-class _SlowServedLM(_SlowLM):
-    """Enough of an LM for create_app: names, context, a tokenizer, and the slow stream."""
-
-    name, folder, context = "slow", "slow", 4096
-
-    class model:  # noqa: N801 - stands in for lm.model.config.vocab_size
-        class config:  # noqa: N801
-            vocab_size = 1000
-
-    def encode(self, text):
-        return [1] * max(len(text), 1)
+    assert lm.model.steps < 250  # stopped early
 
 
 def test_server_request_timeout():
@@ -465,8 +465,8 @@ def test_server_request_timeout():
 
     from tokenlean.serve.app import create_app
 
-    lm = _SlowServedLM()
-    app = create_app(lm, request_timeout=0.05)
+    lm = _slow_lm()
+    app = create_app(lm, request_timeout=0.3)
     with TestClient(app) as client:
         r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 500})
         assert r.status_code == 504, r.text
@@ -482,7 +482,7 @@ def test_server_request_timeout():
         assert all("error" not in json.loads(e[6:]) for e in events[:-2])
 
         ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "xx"
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
         metrics = client.get("/metrics").text
         assert _metric(metrics, "tokenlean:requests_timed_out_total") == 2
-    assert len(lm.stopped_early) >= 2 and max(lm.stopped_early) < 500
+    assert lm.model.steps < 500  # both timed-out requests stopped early

@@ -35,44 +35,34 @@ class StopStrings:
 
 
 class TextStream:
-    """One sequence's output: `push(tokens)` returns the text safe to send and sets `finish`
-    ("stop": a stop token or string; "length": the budget) once the output is complete;
-    `close()` returns what was held back (a partial character, a possible stop prefix)."""
+    """One sequence's text: `push(tokens)` returns the text safe to send. A stop token adds
+    no text; a stop string sets `hit` and cuts the text there (`unused`: how many of the
+    pushed tokens came after it). `close()` returns what was held back (a partial
+    character, the start of a possible stop string) once the output is complete."""
 
-    def __init__(self, tokenizer, stop: Iterable[str], stop_ids: Iterable[int], budget: int):
+    def __init__(self, tokenizer, stop: Iterable[str], stop_ids: Iterable[int]):
         self.stops, self.detok = StopStrings(stop), tokenizer.detokenizer()
-        self.stop_ids, self.budget = set(stop_ids), budget
-        self.token_ids: list[int] = []
-        self.finish: str | None = None
+        self.stop_ids = set(stop_ids)
+        self.hit = False
+        self.unused = 0
 
-    def push(self, tokens: Iterable[int]) -> str:
+    def push(self, tokens: list[int]) -> str:
         out = []
-        for token in tokens:
-            self.token_ids.append(token)
+        for i, token in enumerate(tokens):
             if token in self.stop_ids:
-                self.finish = "stop"
                 break
-            text, hit = self.stops.feed(self.detok.push([token]))
+            text, self.hit = self.stops.feed(self.detok.push([token]))
             out.append(text)
-            if hit:
-                self.finish = "stop"
-                break
-            if len(self.token_ids) >= self.budget:
-                self.finish = "length"
+            if self.hit:
+                self.unused = len(tokens) - i - 1
                 break
         return "".join(out)
 
     def close(self) -> str:
-        """The held-back tail, once the output ended at the budget or a stop token (a stop
-        string cut the text already)."""
-        ids = self.token_ids
-        if not (self.finish == "length" or (ids and ids[-1] in self.stop_ids)):
+        if self.hit:  # the text was cut at the stop string already
             return ""
-        tail, hit = self.stops.feed(self.detok.flush())
-        if hit:
-            self.finish = "stop"
-            return tail
-        return tail + self.stops.flush()
+        tail, self.hit = self.stops.feed(self.detok.flush())
+        return tail if self.hit else tail + self.stops.flush()
 
     @property
     def text(self) -> str:

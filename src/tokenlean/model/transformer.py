@@ -8,6 +8,7 @@ are explicit, so a tree of draft tokens is scored in one forward.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -104,8 +105,47 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:  # attention in the cache's dtype (Transformer.kv_dtype)
             q, k, v = q.to(cache.dtype), k.to(cache.dtype), v.to(cache.dtype)
-        out = attend(q, k, v, cache, self.layer, mask, self.window)  # (B, H, T, D)
+        if isinstance(cache, Segments):  # a packed batch: each sequence over its own cache
+            out = cache.attend(q, k, v, self.layer, self.window)
+        else:
+            out = attend(q, k, v, cache, self.layer, mask, self.window)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
+
+
+@dataclass
+class Segment:
+    """One sequence's share of a packed forward (`Transformer.forward_packed`): its new
+    tokens and their positions (T,), its own cache, a mask over the new tokens (T, T)
+    (None: causal; a draft tree passes its ancestor mask) and how many of its last
+    positions need logits (None: all of them, as a tree's verification does)."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    cache: KVCache
+    mask: torch.Tensor | None = None
+    logits_for: int | None = 1
+
+
+class Segments:
+    """What the layers see of a packed forward in place of one cache: the projections and
+    the MLP run once over every sequence's tokens; attention runs per sequence, each over
+    its own cache (which may hold any length, policy or tree)."""
+
+    def __init__(self, segments: list[Segment]):
+        self.items = segments
+        self.bounds, start = [], 0
+        for s in segments:
+            T = len(s.tokens)
+            self.bounds.append((start, start + T))
+            start += T
+        self.masks = [s.mask if s.mask is not None or len(s.tokens) == 1
+                      else causal_mask(len(s.tokens), s.tokens.device) for s in segments]
+        self.dtype = segments[0].cache.dtype
+
+    def attend(self, q, k, v, layer: int, window: int | None) -> torch.Tensor:
+        outs = [attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], s.cache, layer, mask, window)
+                for s, (a, b), mask in zip(self.items, self.bounds, self.masks)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 class MLP(nn.Module):
@@ -225,12 +265,7 @@ class Transformer(nn.Module):
             mask = mask[:, None]  # (B, 1, T, S) broadcasts over heads
         if cache is not None:
             cache.begin(positions)
-        freqs = positions.float()[..., None] * self.inv_freq  # (B?, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(self.dtype), signed_sin(emb.sin().to(self.dtype))
-        if cos.dim() == 3:  # per-row positions: broadcast over heads
-            cos, sin = cos[:, None], sin[:, None]
-
+        cos, sin = self.rope(positions)
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, mask)
@@ -240,6 +275,39 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_n is not None:
             x = x[:, -last_n:]
+        return self.lm_logits(x)
+
+    def forward_packed(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """One forward over several sequences, each with its own cache: their new tokens are
+        packed into one row, so every weight is read once for all of them (what batching
+        buys on a memory-bound decode step). Returns each segment's logits (n, V)."""
+        tokens = torch.cat([s.tokens for s in segments])[None]  # (1, N)
+        positions = torch.cat([s.positions for s in segments])  # (N,)
+        for s in segments:
+            s.cache.begin(s.positions)
+        cos, sin = self.rope(positions)
+        x = self.model.embed_tokens(tokens)
+        batch = Segments(segments)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch, None)
+        rows, counts = [], []
+        for s, (start, end) in zip(segments, batch.bounds):
+            s.cache.advance(end - start)
+            n = end - start if s.logits_for is None else min(s.logits_for, end - start)
+            rows.extend(range(end - n, end))
+            counts.append(n)
+        logits = self.lm_logits(x[:, rows])[0]  # (sum n, V)
+        return list(logits.split(counts))
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq  # (B?, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(self.dtype), signed_sin(emb.sin().to(self.dtype))
+        if cos.dim() == 3:  # per-row positions: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
+        return cos, sin
+
+    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.model.norm(x)
         if self.packed_head is not None:
             return self.packed_head(x)

@@ -1,11 +1,11 @@
-"""One worker thread owns the model and runs queued requests one at a time.
+"""One worker thread owns the model and steps every running request in one batch.
 
-Plain decoding requests are not batched in this first version: each request
-runs alone, so its output is exactly what `tokenlean generate` gives offline.
-Deltas go back to the request's event loop through `call_soon_threadsafe`
-(a thread-safe hand-off into an asyncio.Queue); a cancellation flag, checked
-after every emitted delta, stops the generation of a client that went away, and
-a per-request deadline (`--request-timeout`, from arrival) stops one that runs too long.
+Requests join the running batch between steps (continuous batching, engine/scheduler.py):
+each step is one forward over every running sequence, with its own prompt chunk, token
+or draft tree. Deltas go back to the request's event loop through
+`call_soon_threadsafe` (a thread-safe hand-off into an asyncio.Queue); a cancellation
+flag, checked before every step, stops the sequence of a client that went away, and a
+per-request deadline (`--request-timeout`, from arrival) stops one that runs too long.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tokenlean.engine.scheduler import CacheFull, Scheduler, SchedulerConfig, Sink, TreeSizer, Work
+from tokenlean.engine.sequence import Sequence
+from tokenlean.engine.text import TextStream
 from tokenlean.errors import UserError
 from tokenlean.sampling import SamplingParams
+from tokenlean.spec_decode.budget import forward_costs
 
 log = logging.getLogger("tokenlean.serve")
 
@@ -66,87 +70,128 @@ class Job:
         self.cancelled.set()
 
 
+class ServerShutdown(Exception):
+    """The server stopped before this request finished."""
+
+
+class JobSink(Sink):
+    """A sequence's output, sent to the request's event loop and counted in the metrics."""
+
+    def __init__(self, job: Job, metrics):
+        self.job, self.metrics = job, metrics
+        self.last: float | None = None  # time of the last delta
+
+    def stop_reason(self) -> str | None:
+        if self.job.expired():  # checked first: the app also cancels a job it timed out
+            return "timeout"
+        return "cancelled" if self.job.cancelled.is_set() else None
+
+    def delta(self, text: str) -> None:
+        now = time.perf_counter()
+        if self.metrics:
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.job.arrival)
+            else:
+                self.metrics.itl.observe(now - self.last)
+        self.last = now
+        self.job.send("delta", text)
+
+    def done(self, result) -> None:
+        if self.metrics:
+            self.metrics.observe_result(result, time.perf_counter() - self.job.arrival)
+        self.job.send("done", result)
+
+    def stopped(self, reason: str) -> None:
+        if reason == "cancelled":
+            if self.metrics:
+                self.metrics.cancelled.inc()
+            return
+        self.job.cancel()
+        self.job.send("error", self.job.timeout_error() if reason == "timeout"
+                      else ServerShutdown(reason))
+
+    def failed(self, error: Exception) -> None:
+        self.job.send("error", error)
+
+
 class Engine:
     def __init__(self, lm, method: str = "greedy", method_args: dict | None = None,
-                 kv=None, max_queue: int = 64, metrics=None):
+                 kv=None, max_queue: int = 64, metrics=None,
+                 config: SchedulerConfig | None = None):
         self.lm, self.method, self.method_args = lm, method, method_args or {}
         self.kv = kv  # a KVConfig: a fresh policy per request
         self.metrics = metrics
-        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.busy = False
+        self.config = config or SchedulerConfig()
+        self.max_queue = max_queue  # requests waiting for a place in the batch
+        self.jobs: queue.Queue[Job | None] = queue.Queue()  # handed to the worker thread
+        self.scheduler: Scheduler | None = None  # built in the worker thread
+        self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="tokenlean-engine", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        try:
-            self.jobs.put(None, timeout=timeout)
-        except queue.Full:
-            return
+        self.jobs.put(None)
         self.thread.join(timeout)
 
     def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"the request queue is full ({self.jobs.maxsize} waiting); "
-                            "retry later") from None
+        if self.waiting >= self.max_queue:
+            raise QueueFull(f"the request queue is full ({self.max_queue} waiting); "
+                            "retry later")
+        self.jobs.put_nowait(job)
 
     @property
     def waiting(self) -> int:
-        return self.jobs.qsize()
+        return self.jobs.qsize() + (len(self.scheduler.waiting) if self.scheduler else 0)
+
+    @property
+    def running(self) -> int:
+        return len(self.scheduler.running) if self.scheduler else 0
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
 
     def _run(self) -> None:
+        self.drafter = self.lm.drafter(self.method, self.method_args)
+        sizer = None
+        if self.drafter is not None and self.config.adaptive_trees:
+            sizer = TreeSizer(forward_costs(self.lm.model), self.drafter.max_nodes)
+        self.scheduler = Scheduler(self.lm.model, self.config, sizer)
+        self.ready.set()
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():
-                continue
-            if job.expired():  # waited in the queue past its deadline
-                self._timed_out(job)
-                continue
-            self.busy = True
+            for job in self._incoming(block=self.scheduler.idle):
+                if job is None:
+                    self.scheduler.cancel_all("the server is shutting down")
+                    return
+                self._add(job)
+            self.scheduler.step_once()
+
+    def _incoming(self, block: bool) -> list[Job | None]:
+        """New jobs: wait for one when nothing runs, else take what has arrived."""
+        jobs = [self.jobs.get()] if block else []
+        while True:
             try:
-                self._generate(job)
-            except UserError as e:
-                job.send("error", e)
-            except Exception as e:  # never let one request kill the worker
-                log.exception("generation failed")
-                job.send("error", e)
-            finally:
-                self.busy = False
+                jobs.append(self.jobs.get_nowait())
+            except queue.Empty:
+                return jobs
 
-    def _timed_out(self, job: Job) -> None:
-        job.cancel()
-        job.send("error", job.timeout_error())  # the app counts it (once) in its metrics
-
-    def _generate(self, job: Job) -> None:
-        generation = self.lm.stream(job.prompt_ids, job.max_tokens, job.sampling, stop=job.stop,
-                                    method=self.method, method_args=self.method_args,
-                                    kv=self.kv)
-        steps = iter(generation)
-        last = None
-        for delta in steps:
-            now = time.perf_counter()
-            if self.metrics:
-                if last is None:
-                    self.metrics.ttft.observe(now - job.arrival)
-                else:
-                    self.metrics.itl.observe(now - last)
-            last = now
-            job.send("delta", delta)
-            if job.expired(now):  # checked first: the app also cancels a job it timed out
-                steps.close()
-                self._timed_out(job)
-                return
-            if job.cancelled.is_set():
-                steps.close()  # GeneratorExit inside the decode loop: it stops there
-                if self.metrics:
-                    self.metrics.cancelled.inc()
-                return
-        result = generation.result
-        if self.metrics:
-            self.metrics.observe_result(result, time.perf_counter() - job.arrival)
-        job.send("done", result)
+    def _add(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        sink = JobSink(job, self.metrics)
+        if job.expired():  # waited in the queue past its deadline
+            sink.stopped("timeout")
+            return
+        lm = self.lm
+        try:
+            seq = Sequence(lm.model, job.prompt_ids, job.max_tokens, job.sampling,
+                           drafter=self.drafter, policy=self.kv.make() if self.kv else None,
+                           stop_ids=lm.tokenizer.eos_ids, method=self.method)
+            self.scheduler.add(Work(seq, TextStream(lm.tokenizer, job.stop, seq.stop_ids), sink))
+        except (UserError, CacheFull) as e:
+            job.send("error", e)
+        except Exception as e:  # never let one request kill the worker
+            log.exception("could not start a generation")
+            job.send("error", e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import ClassVar
 
 import torch
@@ -29,6 +30,13 @@ class Drafter:
         """The most nodes a proposed tree holds (the KV cache keeps room for them)."""
         raise NotImplementedError
 
+    def session(self) -> Drafter:
+        """This drafter for one sequence. The copy shares what is learned across requests
+        (Token Recycling's matrix, a draft model's weights) and keeps its own per-sequence
+        state (a lookup index, a draft cache, the current root), set up by `start`, so
+        sequences decoded side by side do not disturb one another."""
+        return copy.copy(self)
+
     def start(self, history: list[int], sampling: SamplingParams) -> None:
         """A new request begins with these prompt tokens and sampling parameters."""
 
@@ -40,7 +48,7 @@ class Drafter:
         """The target's logits over [root, *tree] and what was accepted."""
 
     def end(self) -> None:
-        """The request is over (e.g. persist learned state)."""
+        """The request is over, finished or cancelled (e.g. persist learned state)."""
 
     def info(self) -> dict:
         """Drafter facts worth reporting with a generation's stats (e.g. the tree size)."""

@@ -33,6 +33,13 @@ class DraftTree:
     def chain(cls, tokens: list[int], q: torch.Tensor | None = None) -> DraftTree:
         return cls(list(tokens), list(range(-1, len(tokens) - 1)), q)
 
+    def first(self, n: int) -> DraftTree:
+        """The tree cut to its first n nodes (parents come first, so it stays a tree): what
+        a batch step can afford to verify."""
+        if n >= len(self):
+            return self
+        return DraftTree(self.tokens[:n], self.parents[:n], None if self.q is None else self.q[:n])
+
     def __len__(self) -> int:
         return len(self.tokens)
 

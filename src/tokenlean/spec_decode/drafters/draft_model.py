@@ -65,10 +65,8 @@ class DraftModel(Drafter):
         self.k = self.params.num_draft_tokens  # each request starts afresh
         seed = None if self.sampling.seed is None else self.sampling.seed + 1
         self.generator = SamplingParams(seed=seed).generator(self.draft.device)
-        context = self.draft.config.max_position_embeddings
-        if not hasattr(self, "cache") or self.cache.capacity < context:
-            self.cache = self.draft.new_cache(context)
-        self.cache.truncate(0)
+        # a cache of its own: sessions share the draft's weights, never its cache
+        self.cache = self.draft.new_cache(self.draft.config.max_position_embeddings)
         self.cached: list[int] = []  # tokens whose keys/values are in the draft cache
 
     def _catch_up(self, history: list[int]) -> torch.Tensor:

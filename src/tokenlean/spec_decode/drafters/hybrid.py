@@ -68,6 +68,11 @@ class LookupRecycling(Drafter):
     def max_nodes(self) -> int:
         return self.recycling.max_nodes + self.params.lookup_tokens
 
+    def session(self) -> LookupRecycling:
+        session = super().session()
+        session.recycling, session.lookup = self.recycling.session(), self.lookup.session()
+        return session
+
     def start(self, history, sampling=None) -> None:
         self.lookup.start(history, sampling)
         self.recycling.start(history, sampling)

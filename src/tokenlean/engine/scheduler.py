@@ -1,0 +1,253 @@
+"""Continuous batching: waiting and running sequences, one batched step at a time.
+
+Each `step_once`:
+1. drops the sequences whose client went away or whose time ran out;
+2. admits waiting sequences, oldest first, while the batch and the KV memory budget
+   have room (a sequence reserves its whole cache on admission, so a running one never
+   runs out; one that could never fit is refused when it is added);
+3. shares the step's token budget: every decoding sequence gets its token and its
+   draft tree, then prompts are fed in chunks from what is left, so a long prompt
+   does not stall the streams that are decoding;
+4. sizes the draft trees for the batch from the device's measured forward costs and
+   the acceptance seen so far, down to no drafting when drafting does not pay;
+5. runs the step and hands each sequence's new tokens to its text stream and sink.
+
+Nothing here knows about HTTP: a `Sink` receives the text, the result or the error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from tokenlean.engine.prefix_cache import PrefixCache
+from tokenlean.engine.sequence import Sequence
+from tokenlean.engine.step import step
+from tokenlean.engine.text import TextStream
+
+log = logging.getLogger("tokenlean.engine")
+MIB = 2**20
+
+
+class CacheFull(Exception):
+    """A request needs more KV memory than the server has for all sequences together."""
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch: int = 16  # sequences decoded side by side
+    max_step_tokens: int = 512  # tokens per forward: decode rows, tree nodes, prompt chunks
+    prefill_chunk: int = 256  # most prompt tokens one sequence feeds per step
+    kv_memory_mb: float = 4096  # KV cache of all running sequences together
+    prefix_cache_mb: float = 512  # 0: no prefix caching
+    adaptive_trees: bool = True  # size draft trees for the batch (False: the drafter's own)
+
+
+class Sink:
+    """Where a sequence's output goes. Subclasses override what they need."""
+
+    def stop_reason(self) -> str | None:
+        """Non-None (e.g. "cancelled", "timeout") to stop the sequence before the next step."""
+        return None
+
+    def delta(self, text: str) -> None: ...
+
+    def done(self, result) -> None: ...
+
+    def stopped(self, reason: str) -> None: ...
+
+    def failed(self, error: Exception) -> None: ...
+
+
+@dataclass
+class Work:
+    seq: Sequence
+    text: TextStream
+    sink: Sink
+    stored: bool = False  # its prompt went into the prefix cache
+
+
+class TreeSizer:
+    """Draft tree size per sequence for a batch of b decoding sequences: the n maximising
+    b * E(n) / cost(b * (n + 1) + other tokens), with E(n) = 1 + sum of the measured rates
+    at which tree node i (in tree order) is on the accepted path, and cost() the forward
+    times measured on this device (spec_decode.budget), extrapolated linearly."""
+
+    WARMUP_STEPS = 32  # verified trees before the measured rates are trusted
+    EXPLORE = 8
+
+    def __init__(self, costs: dict[int, float], max_nodes: int):
+        self.sizes = sorted(costs)
+        self.costs = [costs[s] for s in self.sizes]
+        self.max_nodes = max_nodes
+        self.accepted = [0] * max_nodes  # steps whose node i was accepted
+        self.offered = [0] * max_nodes  # steps whose tree had a node i
+        self.steps = self.calls = 0
+
+    def record(self, tree_len: int, accepted_nodes: list[int]) -> None:
+        self.steps += 1
+        for i in range(min(tree_len, self.max_nodes)):
+            self.offered[i] += 1
+        for i in accepted_nodes:
+            if i < self.max_nodes:
+                self.accepted[i] += 1
+
+    def cost(self, tokens: int) -> float:
+        sizes, costs = self.sizes, self.costs
+        if tokens <= sizes[0]:
+            return costs[0]
+        for (s0, c0), (s1, c1) in zip(zip(sizes, costs), zip(sizes[1:], costs[1:])):
+            if tokens <= s1:
+                return c0 + (c1 - c0) * (tokens - s0) / (s1 - s0)
+        slope = (costs[-1] - costs[-2]) / (sizes[-1] - sizes[-2])
+        return costs[-1] + slope * (tokens - sizes[-1])
+
+    def nodes(self, batch: int, other_tokens: int = 0) -> int:
+        self.calls += 1
+        # full trees while warming up, and every EXPLORE-th step after, so the rates keep
+        # following the drafter (Token Recycling's matrix improves as it serves)
+        if self.steps < self.WARMUP_STEPS or self.calls % self.EXPLORE == 0:
+            return self.max_nodes
+        rates = [a / o if o else 0.0 for a, o in zip(self.accepted, self.offered)]
+        best, best_rate = 0, batch / self.cost(batch + other_tokens)
+        expected = 1.0
+        for n in range(1, self.max_nodes + 1):
+            expected += rates[n - 1]
+            rate = batch * expected / self.cost(batch * (n + 1) + other_tokens)
+            if rate > best_rate:
+                best, best_rate = n, rate
+        return best
+
+
+class Scheduler:
+    MIN_CHUNK = 32  # prompt tokens fed per step at least, while any prompt waits
+
+    def __init__(self, model, config: SchedulerConfig | None = None, sizer: TreeSizer | None = None):
+        self.model, self.config = model, config or SchedulerConfig()
+        self.waiting: deque[Work] = deque()
+        self.running: list[Work] = []
+        self.prefix = PrefixCache(int(self.config.prefix_cache_mb * MIB))
+        self.sizer = sizer
+        self.reserved = 0  # KV bytes reserved by running sequences
+        self.steps = 0
+        self.batch_tokens = 0  # tokens fed over all steps (a mean batch size for /metrics)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def add(self, work: Work) -> None:
+        need, limit = work.seq.kv_bytes(), int(self.config.kv_memory_mb * MIB)
+        if need > limit:
+            raise CacheFull(f"the request needs {need / MIB:.0f} MiB of KV cache; the server "
+                            f"holds {limit / MIB:.0f} MiB for all requests (--kv-memory-mb)")
+        self.waiting.append(work)
+
+    def cancel_all(self, reason: str) -> None:
+        for work in [*self.running, *self.waiting]:
+            self._end(work)
+            work.sink.stopped(reason)
+        self.running.clear()
+        self.waiting.clear()
+
+    def step_once(self) -> None:
+        self._drop_stopped()
+        self._admit()
+        if not self.running:
+            return
+        batch, chunks = self._plan()
+        try:
+            new = step(self.model, [w.seq for w in batch], chunks)
+        except Exception as e:  # a failed forward fails this batch, not the server
+            log.exception("batched step failed")
+            for work in batch:
+                self._end(work)
+                work.sink.failed(e)
+            self.running = [w for w in self.running if w not in batch]
+            return
+        self.steps += 1
+        for work, tokens in zip(batch, new):
+            self._deliver(work, tokens)
+        self.running = [w for w in self.running if not w.seq.finished]
+
+    # --- the steps of step_once ---------------------------------------------------------------
+
+    def _drop_stopped(self) -> None:
+        for queue in (self.running, self.waiting):
+            for work in list(queue):
+                reason = work.sink.stop_reason()
+                if reason:
+                    queue.remove(work)
+                    self._end(work)
+                    work.sink.stopped(reason)
+
+    def _admit(self) -> None:
+        limit = int(self.config.kv_memory_mb * MIB)
+        while (self.waiting and len(self.running) < self.config.max_batch
+               and self.reserved + self.waiting[0].seq.kv_bytes() <= limit):
+            work = self.waiting.popleft()
+            seq = work.seq
+            seq.allocate()
+            self.reserved += seq.kv_bytes()
+            if seq.policy is None and self.config.prefix_cache_mb > 0:
+                hit = self.prefix.lookup(seq.feed)
+                if hit is not None:
+                    seq.reuse(*hit)
+            self.running.append(work)
+
+    def _plan(self) -> tuple[list[Work], list[int | None]]:
+        """Which sequences run this step, and how many prompt tokens each may feed."""
+        decoding = [w for w in self.running if not w.seq.prefilling]
+        prefilling = [w for w in self.running if w.seq.prefilling]
+        nodes = None
+        if self.sizer is not None and self.config.adaptive_trees and decoding:
+            nodes = self.sizer.nodes(len(decoding))
+        used = 0
+        for work in decoding:
+            work.seq.max_nodes = nodes
+            drafter = work.seq.drafter
+            used += 1 + (min(nodes, drafter.max_nodes) if nodes is not None else
+                         drafter.max_nodes if drafter else 0)
+        left = max(self.config.max_step_tokens - used, 0)
+        batch, chunks = list(decoding), [None] * len(decoding)
+        for i, work in enumerate(prefilling):
+            # the oldest prompt always moves, however busy the decoding streams keep the step
+            chunk = min(self.config.prefill_chunk, left if i else max(left, self.MIN_CHUNK))
+            if chunk <= 0:
+                break
+            batch.append(work)
+            chunks.append(chunk)
+            left -= chunk
+        return batch, chunks
+
+    def _deliver(self, work: Work, tokens: list[int]) -> None:
+        seq = work.seq
+        self.batch_tokens += len(tokens)
+        if seq.last_tree is not None and self.sizer is not None:
+            self.sizer.record(*seq.last_tree)
+            seq.last_tree = None
+        if not work.stored and not seq.prefilling and seq.policy is None and self.config.prefix_cache_mb > 0:
+            self.prefix.store(seq.feed, seq.cache)
+            work.stored = True
+        if not tokens:
+            return
+        delta = work.text.push(tokens)
+        if work.text.hit:
+            seq.stop_early(work.text.unused)
+        if delta:
+            work.sink.delta(delta)
+        if seq.finished:
+            tail = work.text.close()
+            if work.text.hit:
+                seq.finish_reason = "stop"
+            if tail:
+                work.sink.delta(tail)
+            result = seq.result(work.text.text)
+            self._end(work)
+            work.sink.done(result)
+
+    def _end(self, work: Work) -> None:
+        if work.seq.cache is not None:
+            self.reserved -= work.seq.kv_bytes()
+        work.seq.close()
