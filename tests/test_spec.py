@@ -619,7 +619,11 @@ def test_recycling_tree_is_sized_from_the_measured_forward_cost(monkeypatch):
     """num_nodes=0: a GPU-like flat cost takes the largest tree, a CPU-like growing cost a
     small one; a chain scored alongside (hybrid) counts in the cost and in the tokens."""
     from tokenlean.spec_decode import budget
-    from tokenlean.spec_decode.drafters.recycling import device_sized_nodes, expected_tokens, tree_template
+    from tokenlean.spec_decode.drafters.recycling import (
+        device_sized_nodes,
+        expected_tokens,
+        tree_template,
+    )
 
     def sized(costs, **extra):
         monkeypatch.setattr(budget, "forward_costs", lambda model: costs)
