@@ -140,8 +140,8 @@ class Scheduler:
     def add(self, work: Work) -> None:
         need, limit = work.seq.kv_bytes(), int(self.config.kv_memory_mb * MIB)
         if need > limit:
-            raise CacheFull(f"the request needs {need / MIB:.0f} MiB of KV cache; the server "
-                            f"holds {limit / MIB:.0f} MiB for all requests (--kv-memory-mb)")
+            raise CacheFull(f"the request needs {need / MIB:.1f} MiB of KV cache; the server "
+                            f"holds {limit / MIB:.1f} MiB for all requests (--kv-memory-mb)")
         self.waiting.append(work)
 
     def cancel_all(self, reason: str) -> None:
