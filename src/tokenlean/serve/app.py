@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenlean.decode import check_prompt
 from tokenlean.errors import UserError
 from tokenlean.sampling import SamplingParams
-from tokenlean.serve.engine import Engine, Job, QueueFull, RequestTimeout
+from tokenlean.engine.scheduler import CacheFull, SchedulerConfig
+from tokenlean.serve.engine import Engine, Job, QueueFull, RequestTimeout, ServerShutdown
 from tokenlean.serve.schemas import (
     CHAT_MAX_TOKENS,
     COMPLETION_MAX_TOKENS,
@@ -85,6 +86,8 @@ class Metrics:
         self.timed_out = Counter("tokenlean:requests_timed_out",
                                  "Requests stopped by the server's request timeout", registry=r)
         self.waiting = Gauge("tokenlean:num_requests_waiting", "Requests in the queue", registry=r)
+        self.running = Gauge("tokenlean:num_requests_running",
+                             "Requests in the running batch", registry=r)
         self.drafts = Counter("tokenlean:spec_decode_num_drafts",
                               "Speculative steps that drafted at least one token", registry=r)
         self.draft_tokens = Counter("tokenlean:spec_decode_num_draft_tokens",
@@ -94,6 +97,11 @@ class Metrics:
         self.accepted_per_pos = Counter("tokenlean:spec_decode_num_accepted_tokens_per_pos",
                                         "Steps that accepted a draft token at this position",
                                         ["position"], registry=r)
+
+    def watch(self, engine: Engine) -> None:
+        """Count what the engine's scheduler counts (prefix cache, batched steps), read at
+        each scrape."""
+        self.registry.register(SchedulerCollector(engine))
 
     def observe_result(self, result, e2e_s: float) -> None:
         self.e2e.observe(e2e_s)
@@ -108,6 +116,33 @@ class Metrics:
                 self.accepted_per_pos.labels(position=str(pos)).inc(n)
 
 
+class SchedulerCollector:
+    """The scheduler's own counters as Prometheus counters, read when /metrics is scraped
+    (the worker thread only adds to plain ints; nothing is copied on its hot path)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        s = self.engine.scheduler
+        values = {
+            "prefix_cache_hits": ("Requests that reused cached KV entries of a shared prefix",
+                                  s.prefix.hits if s else 0),
+            "prefix_cache_misses": ("Requests that found no cached prefix",
+                                    s.prefix.misses if s else 0),
+            "prefix_cache_reused_tokens": ("Prompt tokens whose KV entries came from the "
+                                           "prefix cache", s.prefix.reused_tokens if s else 0),
+            "batch_steps": ("Batched forward steps", s.steps if s else 0),
+            "batch_step_tokens": ("Tokens fed over all batched steps (divide by "
+                                  "batch_steps for the mean step size)",
+                                  s.batch_tokens if s else 0),
+        }
+        for name, (doc, value) in values.items():
+            yield CounterMetricFamily(f"tokenlean:{name}", doc, value=value)
+
+
 def served_name(name: str) -> str:
     """The model id clients send: a zoo name as is, a checkpoint folder by its last part."""
     return Path(name).name if ("/" in name or Path(name).exists()) else name
@@ -115,12 +150,17 @@ def served_name(name: str) -> str:
 
 def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=None,
                api_key: str | None = None, max_queue: int = 64,
-               model_id: str | None = None, request_timeout: float | None = 300.0) -> FastAPI:
+               model_id: str | None = None, request_timeout: float | None = 300.0,
+               scheduler: SchedulerConfig | None = None) -> FastAPI:
     """`request_timeout`: seconds from arrival after which a request still waiting or
     generating is cancelled and answered with a 504 `timeout` error (None or <= 0: no limit).
-    `kv`: the server's KV-cache policy (kv.registry.KVConfig), the same for every request."""
+    `kv`: the server's KV-cache policy (kv.registry.KVConfig), the same for every request.
+    `scheduler`: continuous batching's limits (batch size, step tokens, KV memory, prefix
+    cache)."""
     metrics = Metrics()
-    engine = Engine(lm, method, method_args, kv=kv, max_queue=max_queue, metrics=metrics)
+    engine = Engine(lm, method, method_args, kv=kv, max_queue=max_queue, metrics=metrics,
+                    config=scheduler)
+    metrics.watch(engine)
     model_id = model_id or served_name(lm.name)
     accepted_names = {model_id, lm.name, str(lm.folder)}
     created = int(time.time())
@@ -175,11 +215,12 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "waiting": engine.waiting,
-                "busy": engine.busy}
+                "running": engine.running, "busy": engine.busy}
 
     @app.get("/metrics")
     async def prometheus():
         metrics.waiting.set(engine.waiting)
+        metrics.running.set(engine.running)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -369,6 +410,10 @@ def _raise_job_error(exc: Exception):
         raise ApiError(TIMEOUT_STATUS, str(exc), "timeout", code="request_timeout")
     if isinstance(exc, UserError):
         raise ApiError(400, str(exc))
+    if isinstance(exc, CacheFull):
+        raise ApiError(503, str(exc), "server_error", code="kv_cache_full")
+    if isinstance(exc, ServerShutdown):
+        raise ApiError(503, str(exc), "server_error", code="server_shutdown")
     raise ApiError(500, f"generation failed: {type(exc).__name__}", "server_error")
 
 
@@ -382,6 +427,14 @@ async def _collect(job: Job, metrics: Metrics):
                 _raise_job_error(value)
     finally:
         job.cancel()  # a no-op once done; stops the generation if the client went away
+
+
+def _error_event(exc: Exception) -> dict:
+    """A generation's error as the body its status code would carry, for an SSE event."""
+    try:
+        _raise_job_error(exc)
+    except ApiError as e:
+        return error_body(e.message, e.type, e.param, e.code)
 
 
 def _sse(job: Job, metrics: Metrics, include_usage: bool, on_delta, on_final, usage_base: dict):
@@ -410,11 +463,7 @@ def _sse(job: Job, metrics: Metrics, include_usage: bool, on_delta, on_final, us
                     yield line(_timeout_body(job))
                     break
                 else:
-                    status = 400 if isinstance(value, UserError) else 500
-                    yield line(error_body(str(value) if status == 400 else
-                                          f"generation failed: {type(value).__name__}",
-                                          "invalid_request_error" if status == 400
-                                          else "server_error"))
+                    yield line(_error_event(value))
                     break
             yield "data: [DONE]\n\n"
         finally:
