@@ -101,3 +101,125 @@ def test_parse_spec_counters_and_block():
     assert sd["accepted_per_position"] == [8, 6]
     assert sd["acceptance_rate_per_position"] == [0.8, 0.6]
     assert parse_spec_counters("vllm:other 1\n") is None
+
+
+# ---- sweeps: --concurrency, --long-prompt-tokens, --offline, several --base-url ----
+
+SWEEP = ("--concurrency", "1,2", "--num-prompts", "3", "--prompt-tokens", "16",
+         "--max-tokens", "8", "--threads", "1")
+LEVEL_FIGURES = ("request_throughput", "output_throughput", "total_output_tokens", "duration_s")
+
+
+def _sweep(tiny_model_dir, out, *extra):
+    from tokenlean.cli import main
+
+    assert main(["bench", "serve", "--model", str(tiny_model_dir), *SWEEP, "--out", str(out),
+                 *extra]) == 0
+    [path] = out.glob("serve-sweep-*.json")
+    return path, json.loads(path.read_text())
+
+
+def _table_rows(out: str, first_cell: str) -> list[list[str]]:
+    """The cells of the rich table's rows whose first cell is `first_cell`."""
+    rows = [[cell.strip() for cell in line.strip("│┃ ").split("│")] for line in out.splitlines()]
+    return [row for row in rows if row and row[0] == first_cell]
+
+
+def test_bench_serve_sweep_table_json_png(tiny_model_dir, tmp_path, capsys):
+    path, result = _sweep(tiny_model_dir, tmp_path / "out", "--long-prompt-tokens", "40",
+                          "--offline")
+    assert result["setup"]["concurrency"] == [1, 2]
+    system = result["systems"]["tokenlean"]
+    assert system["started_here"] and system["method"] == "greedy"
+    levels = system["levels"]
+    assert [row["concurrency"] for row in levels] == [1, 2]
+    for row in levels:
+        assert row["num_prompts"] == row["completed"] == 3 and row["failed"] == 0, row["errors"]
+        for key in LEVEL_FIGURES:
+            assert row[key] > 0, key
+        for key in ("ttft_ms", "itl_ms", "e2e_ms"):
+            assert row[key]["median"] is not None and row[key]["p99"] is not None
+        assert row["speedup"] > 0
+        long = row["long_prompt"]  # exactly one long request, the others all counted
+        assert long["requests"] == 1 and long["prompt_tokens"] == 40 and long["request"]["ok"]
+        assert long["others"]["completed"] == 3 and long["ttft_p99_vs_lowest"] > 0
+    assert levels[0]["speedup"] == 1.0
+    assert result["long_prompt"]["tokens"] == 40
+    offline = result["offline"]
+    assert offline["num_prompts"] == offline["completed"] == 3 and offline["threads"] == 1
+    assert offline["output_throughput"] > 0 and offline["total_output_tokens"] == 3 * 8
+
+    out = capsys.readouterr().out
+    rows = _table_rows(out, "tokenlean")
+    assert [row[1] for row in rows] == ["1", "2"] and all(len(row) == 14 for row in rows)
+    assert len(_table_rows(out, "offline")) == 1
+    assert "served / offline output tok/s at concurrency 1, tokenlean" in out
+    png = path.with_suffix(".png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not png.exists() and "plot skipped" in out
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.name in out
+
+
+def _counter(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(f"tokenlean:{name}"))
+
+
+def test_bench_serve_sweep_named_base_url_one_long_prompt_per_level(tiny_model_dir, tmp_path):
+    """Against a server of our own given as NAME=URL: its counters see, per level, the
+    3 regular requests twice (without and with the long prompt) and ONE 40-token prompt."""
+    import argparse
+
+    import httpx
+
+    from tokenlean.bench.serve import Server
+
+    server = Server(argparse.Namespace(device="cpu", dtype="fp32", method="greedy",
+                                       model=str(tiny_model_dir), method_arg=[], threads=1), 8)
+    try:
+        server.wait_ready(httpx)
+        _, result = _sweep(tiny_model_dir, tmp_path, "--base-url", f"tiny={server.base_url}/v1",
+                           "--long-prompt-tokens", "40")
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+    finally:
+        server.stop()
+    assert list(result["systems"]) == ["tiny"]
+    system = result["systems"]["tiny"]
+    assert system["base_url"] == server.base_url and not system["started_here"]
+    assert [row["long_prompt"]["requests"] for row in system["levels"]] == [1, 1]
+    # the probe (16 tokens), then per level 2 x 3 regular requests and one long one
+    assert _counter(metrics, 'requests_total{endpoint="/v1/completions",status="200"}') == 1 + 2 * 7
+    assert _counter(metrics, "prompt_tokens_total") == 16 + 2 * (6 * 16 + 40)
+
+
+def test_parse_base_urls_concurrency_and_level_prompts():
+    from tokenlean.bench.serve import level_prompts, parse_base_urls, parse_concurrency
+    from tokenlean.errors import UserError
+
+    assert parse_base_urls(["http://127.0.0.1:8000/v1", "llama.cpp=http://h:8080/",
+                            "http://h:9/x?a=b"]) == {
+        "127.0.0.1:8000": "http://127.0.0.1:8000", "llama.cpp": "http://h:8080",
+        "h:9": "http://h:9/x"}
+    assert parse_base_urls(None) == {}
+    for bad in (["=http://h:1"], ["a=http://h:1", "a=http://h:2"], ["a=not a url"]):
+        with pytest.raises(UserError):
+            parse_base_urls(bad)
+    assert parse_concurrency("8,1,2,2") == [1, 2, 8]
+    assert [level_prompts(c, None) for c in (1, 4, 16)] == [8, 8, 32]
+    assert level_prompts(16, 3) == 3
+
+
+def test_bench_serve_sweep_bad_input(tiny_model_dir, tmp_path, capsys):
+    from tokenlean.cli import main
+
+    base = ["bench", "serve", "--model", str(tiny_model_dir), "--out", str(tmp_path)]
+    for extra in (["--concurrency", "0"], ["--concurrency", "a,b"], ["--concurrency", "1,,2"],
+                  ["--base-url", "=http://127.0.0.1:8000"],
+                  ["--base-url", "a=http://127.0.0.1:1", "--base-url", "a=http://127.0.0.1:2"]):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("tokenlean: error:") and "\n" not in err, (extra, err)
+    assert not list(tmp_path.glob("serve*"))

@@ -29,6 +29,17 @@ _positive_int = _int_in(1)
 _non_negative_int = _int_in(0)
 
 
+def _min_max(text: str) -> tuple[int, int]:
+    """MIN:MAX replicas, 0 <= MIN <= MAX, MAX >= 1 (Ray can scale down to zero)."""
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not MIN:MAX: {text!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise argparse.ArgumentTypeError(f"want 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return low, high
+
+
 def _float_in(low: float, high: float, low_open: bool = False):
     def parse(text: str) -> float:
         try:
@@ -266,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                         description="An OpenAI-compatible server (/v1/models, /v1/completions, "
                         "/v1/chat/completions, /health, /metrics) for one model and one "
-                        "decoding method. Needs: pip install 'tokenlean[serve]'.")
+                        "decoding method. Needs: pip install 'tokenlean[serve]' (and for "
+                        "--replicas, on Ray Serve: 'tokenlean[ray]').")
     add_model_args(sv)
     add_method_args(sv)
     add_kv_args(sv)
@@ -285,7 +297,41 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", default=None,
                     help="the model id clients send (default: the model's name)")
     sv.add_argument("--threads", type=_positive_int, default=None,
-                    help="torch threads (default: torch's)")
+                    help="torch threads (default: torch's); with --replicas, per replica, "
+                         "and the CPUs Ray reserves for each (default 1)")
+    # Continuous batching (tokenlean.engine.scheduler).
+    sv.add_argument("--max-batch", type=_positive_int, default=16, metavar="N",
+                    help="most requests decoded side by side in one forward; the others wait "
+                         "(default 16; 1: one request at a time)")
+    sv.add_argument("--max-step-tokens", type=_positive_int, default=512, metavar="N",
+                    help="most tokens in one forward: decode rows, draft-tree nodes and prompt "
+                         "chunks together (default 512)")
+    sv.add_argument("--prefill-chunk", type=_positive_int, default=256, metavar="N",
+                    help="most prompt tokens one request feeds per step, so that a long prompt "
+                         "does not stall the streams being decoded (default 256)")
+    sv.add_argument("--kv-memory-mb", type=_float_in(1, 1e9), default=4096, metavar="MB",
+                    help="KV cache of all running requests together; a request is admitted when "
+                         "its whole cache fits, and one that never could gets a 503 "
+                         "(default 4096)")
+    sv.add_argument("--prefix-cache-mb", type=_float_in(0, 1e9), default=512, metavar="MB",
+                    help="KV entries of earlier prompts kept for requests sharing a prefix "
+                         "(a system prompt, a chat history); 0: off (default 512)")
+    sv.add_argument("--no-adaptive-trees", action="store_true",
+                    help="keep the method's own draft-tree size instead of sizing the trees for "
+                         "the batch from the measured forward costs")
+    # Scale-out on Ray Serve (tokenlean.serve.ray_serve; pip install 'tokenlean[ray]').
+    sv.add_argument("--replicas", type=_non_negative_int, default=0, metavar="N",
+                    help="run N model replicas, each its own process, behind one endpoint "
+                         "with Ray Serve's routing (default 0: no Ray, one process)")
+    sv.add_argument("--max-ongoing-requests", type=_positive_int, default=16, metavar="N",
+                    help="with Ray: most requests a replica holds at once; Ray's router keeps "
+                         "the rest (default 16)")
+    sv.add_argument("--autoscale", type=_min_max, default=None, metavar="MIN:MAX",
+                    help="with Ray: autoscale between MIN and MAX replicas on load instead of "
+                         "a fixed --replicas (default: off)")
+    sv.add_argument("--ray-address", default=None, metavar="ADDR",
+                    help="with Ray: the cluster to join, 'auto' (the one `ray start` runs "
+                         "here) or ray://HOST:PORT (default: start a private local instance)")
 
     from tokenlean.bench.spec import DEFAULT_METHODS, DEFAULT_PEERS, DEFAULT_TASKS
 
@@ -333,18 +379,44 @@ def build_parser() -> argparse.ArgumentParser:
                          "against a server (its own `tokenlean serve` on a free loopback port "
                          "unless --base-url is given): request and output throughput, TTFT, "
                          "TPOT, ITL and E2E mean / median / p99, and the acceptance figures "
-                         "from the server's /metrics.")
+                         "from the server's /metrics. With --concurrency, several --base-url, "
+                         "--long-prompt-tokens or --offline: a sweep, one table with a row per "
+                         "server and concurrency level, a JSON and a PNG.",
+                         epilog="llama.cpp on the same weights (it takes text prompts, streams "
+                         "no usage and has no /metrics: the prompts go decoded, output tokens "
+                         "are the streamed chunks, no acceptance figures): `llama-server -m "
+                         "~/.cache/tokenlean/models/smollm2-135m/gguf/model-F32.gguf -np 8 -c "
+                         "32768 -t 2 --port 8080` (-np: parallel slots, -c: their total "
+                         "context), or `python -m llama_cpp.server --model .../model-F32.gguf "
+                         "--n_threads 2 --n_threads_batch 2 --n_ctx 4096 --interrupt_requests "
+                         "False --port 8081` (one request at a time); then, beside `tokenlean serve "
+                         "--model smollm2-135m --threads 2 --port 8000`: `tokenlean bench serve "
+                         "--model smollm2-135m --base-url tokenlean=http://127.0.0.1:8000 "
+                         "--base-url llama.cpp=http://127.0.0.1:8080 --concurrency 1,2,4,8`.")
     add_model_args(bv)
     add_method_args(bv)
-    bv.add_argument("--base-url", default=None,
-                    help="an already running server, e.g. http://127.0.0.1:8000 (default: "
-                         "start one for --model/--method and stop it at the end); --model "
-                         "must then name its model, whose tokenizer cuts the prompts")
+    bv.add_argument("--base-url", action="append", default=None, metavar="[NAME=]URL",
+                    help="an already running server, e.g. http://127.0.0.1:8000 or "
+                         "llama.cpp=http://127.0.0.1:8080; repeat to compare servers in one "
+                         "run, NAME labels its rows (default: host:port). Default: start one "
+                         "for --model/--method and stop it at the end; --model must name the "
+                         "served model, whose tokenizer cuts the prompts")
     bv.add_argument("--api-key", default=None, help="Bearer key for --base-url, if it needs one")
-    bv.add_argument("--num-prompts", type=_positive_int, default=32,
-                    help="requests to send (default 32)")
+    bv.add_argument("--num-prompts", type=_positive_int, default=None,
+                    help="requests to send (default 32; in a sweep, at each level: max(8, 2 x "
+                         "the concurrency), so that every level fills its slots twice)")
     bv.add_argument("--max-concurrency", type=_positive_int, default=8,
                     help="most requests in flight at once (default 8)")
+    bv.add_argument("--concurrency", default=None, metavar="LIST",
+                    help="a sweep over these --max-concurrency levels, e.g. 1,2,4,8,16: the "
+                         "same prompts at each level, against each server")
+    bv.add_argument("--long-prompt-tokens", type=_non_negative_int, default=0, metavar="N",
+                    help="run each level a second time with one extra N-token prompt "
+                         "(held-out code) arriving mid-run, once half of the requests are done, "
+                         "and report the other requests' TTFT / ITL p99 with it (default 0: off)")
+    bv.add_argument("--offline", action="store_true",
+                    help="add a reference row: the lowest level's requests one at a time "
+                         "through the model in this process (same model, method, threads)")
     bv.add_argument("--request-rate", type=float, default=float("inf"),
                     help="requests/s, Poisson arrivals with a fixed seed (default inf: all at "
                          "once, capped by --max-concurrency)")
@@ -353,9 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     bv.add_argument("--max-tokens", type=_positive_int, default=128,
                     help="max_tokens per request (default 128)")
     bv.add_argument("--threads", type=_positive_int, default=None,
-                    help="torch threads of the server started here (default: torch's)")
+                    help="torch threads of the server started here and of --offline "
+                         "(default: torch's)")
     bv.add_argument("--out", default="bench-results",
-                    help="folder for the JSON result (default bench-results)")
+                    help="folder for the JSON result, and a sweep's PNG (default bench-results)")
     return parser
 
 
@@ -498,6 +571,8 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise UserError(f"serving needs the serve extra ({e.name} is missing): "
                         "pip install 'tokenlean[serve]'") from None
+    if args.replicas or args.autoscale or args.ray_address:
+        return serve_on_ray(args, method_args, kv)
     if args.threads:
         import torch
 
@@ -509,13 +584,49 @@ def cmd_serve(args) -> int:
     lm.drafter(args.method, method_args)  # build the drafter now: its errors show at startup
     app = create_app(lm, args.method, method_args, kv=kv, api_key=args.api_key,
                      max_queue=args.max_queue, model_id=args.served_model_name,
-                     request_timeout=args.request_timeout or None)
+                     request_timeout=args.request_timeout or None,
+                     scheduler=scheduler_config(args))
     # Listening only now: a client polling during the model load is refused, not left waiting.
     sock.listen(2048)  # uvicorn's default backlog
     print(f"tokenlean: serving {lm.name} (method {args.method}, kv {kv}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
+
+
+def scheduler_config(args):
+    from tokenlean.engine.scheduler import SchedulerConfig
+
+    return SchedulerConfig(max_batch=args.max_batch, max_step_tokens=args.max_step_tokens,
+                           prefill_chunk=args.prefill_chunk, kv_memory_mb=args.kv_memory_mb,
+                           prefix_cache_mb=args.prefix_cache_mb,
+                           adaptive_trees=not args.no_adaptive_trees)
+
+
+def serve_on_ray(args, method_args: dict, kv) -> int:
+    """`tokenlean serve --replicas N` / `--autoscale MIN:MAX`: the same app on Ray Serve."""
+    if not (args.replicas or args.autoscale):
+        raise UserError("--ray-address needs --replicas N or --autoscale MIN:MAX")
+    if args.replicas and args.autoscale:
+        raise UserError("give --replicas N or --autoscale MIN:MAX, not both")
+    flag = "--replicas" if args.replicas else "--autoscale"
+    try:  # imported only here: `tokenlean --help` and the plain server never load Ray
+        from tokenlean.serve import ray_serve
+    except ImportError as e:
+        if (e.name or "").partition(".")[0] != "ray":
+            raise
+        raise UserError(f"{flag} needs Ray Serve: pip install 'tokenlean[ray]'") from None
+    if args.ray_address is None:  # our own Ray binds the port: check it is free first
+        bind_socket(args.host, args.port).close()
+    spec = ray_serve.ReplicaSpec(
+        model=args.model, device=args.device, dtype=args.dtype, method=args.method,
+        method_args=method_args, kv=kv, api_key=args.api_key, max_queue=args.max_queue,
+        model_id=args.served_model_name, request_timeout=args.request_timeout or None,
+        threads=args.threads or 1)
+    return ray_serve.run(spec, args.host, args.port, replicas=args.replicas,
+                         autoscale=args.autoscale,
+                         max_ongoing_requests=args.max_ongoing_requests,
+                         ray_address=args.ray_address)
 
 
 def cmd_bench(args) -> int:
