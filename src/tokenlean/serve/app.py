@@ -24,9 +24,9 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenlean.decode import check_prompt
+from tokenlean.engine.scheduler import CacheFull, SchedulerConfig
 from tokenlean.errors import UserError
 from tokenlean.sampling import SamplingParams
-from tokenlean.engine.scheduler import CacheFull, SchedulerConfig
 from tokenlean.serve.engine import Engine, Job, QueueFull, RequestTimeout, ServerShutdown
 from tokenlean.serve.schemas import (
     CHAT_MAX_TOKENS,
