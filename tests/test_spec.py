@@ -655,3 +655,35 @@ def test_forward_costs_are_non_decreasing_in_the_tree_size(tiny_lm):
     costs = forward_costs(tiny_lm.model, sizes=(1, 4, 8), cached=16, rounds=2)
     assert sorted(costs) == [1, 4, 8] and all(c > 0 for c in costs.values())
     assert costs[1] <= costs[4] <= costs[8]
+
+
+def test_recycling_matrix_under_any_file_name_is_reloaded(tiny_lm, tmp_path):
+    path = tmp_path / "mat.pt"  # np.save(path) would write mat.pt.npy and start cold next time
+    args = {"matrix_path": str(path)}
+    lm1 = fresh_lm(tiny_lm)
+    lm1.generate(RECYCLE_PROMPT, 30, method="recycling", method_args=args, stop_token_ids=[])
+    assert path.is_file() and not (tmp_path / "mat.pt.npy").exists()
+    assert np.array_equal(fresh_lm(tiny_lm).drafter("recycling", args).matrix,
+                          lm1.drafter("recycling", args).matrix)
+
+
+@pytest.mark.parametrize("pickled", [False, True])
+def test_recycling_matrix_path_to_another_file_is_a_user_error(tiny_lm, tmp_path, pickled):
+    path = tmp_path / "other.npy"
+    if pickled:  # an object array: np.load refuses its pickled data
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    else:
+        path.write_bytes(b"not a matrix\n")
+    with pytest.raises(UserError, match="not a saved Token Recycling matrix"):
+        make_drafter("recycling", tiny_lm, {"matrix_path": str(path)})
+    path2 = tmp_path / "float.npy"
+    np.save(path2, np.zeros(fresh_lm(tiny_lm).drafter("recycling").matrix.shape))
+    with pytest.raises(UserError, match="integer matrix"):
+        make_drafter("recycling", tiny_lm, {"matrix_path": str(path2)})
+
+
+@pytest.mark.parametrize("option", [["max_ngram=-3"], ["min_ngram=5", "max_ngram=2"],
+                                    ["min_ngram=0"], ["num_draft_tokens=0"], ["max_matches=0"]])
+def test_pld_bad_option_ranges_are_user_errors(tiny_lm, option):
+    with pytest.raises(UserError, match="method 'pld'"):
+        make_drafter("pld", tiny_lm, option)

@@ -21,6 +21,13 @@ class PLDParams:
     num_draft_tokens: int = 10  # depth of each continuation
     max_matches: int = 4  # distinct continuations merged into the tree
 
+    def __post_init__(self):
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram="
+                             f"{self.min_ngram}, max_ngram={self.max_ngram}")
+        if self.num_draft_tokens < 1 or self.max_matches < 1:
+            raise ValueError("num_draft_tokens and max_matches must be >= 1")
+
 
 class PromptLookup(Drafter):
     name = "pld"

@@ -142,10 +142,20 @@ class TokenRecycling(Drafter):
             self.save(self.params.matrix_path)
 
     def save(self, path: str | Path) -> None:
-        np.save(path, self.matrix)
+        # through a file object: np.save(path) appends ".npy" to any other name, and the
+        # next run would look for the file it was given and start cold
+        with open(path, "wb") as f:
+            np.save(f, self.matrix)
 
     def load(self, path: str | Path) -> None:
-        matrix = np.load(path)
-        if matrix.shape != self.matrix.shape:
-            raise UserError(f"{path}: matrix shape {matrix.shape}, expected {self.matrix.shape}")
+        try:
+            matrix = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # not a .npy array (a pickle, text, ...)
+            raise UserError(f"matrix_path {path}: not a saved Token Recycling matrix ({e})"
+                            ) from None
+        if not isinstance(matrix, np.ndarray) or matrix.shape != self.matrix.shape \
+                or matrix.dtype.kind not in "iu":
+            raise UserError(f"matrix_path {path}: an integer matrix of shape "
+                            f"{self.matrix.shape} expected, found "
+                            f"{getattr(matrix, 'dtype', '?')} {getattr(matrix, 'shape', '?')}")
         self.matrix = matrix.astype(np.int32)
