@@ -30,9 +30,12 @@ METHODS = ["greedy", *sorted(DRAFTERS)]
 class Collect(Sink):
     def __init__(self):
         self.deltas, self.result, self.reason = [], None, None
+        self.logprob_deltas = []
 
-    def delta(self, text):
+    def delta(self, text, logprobs=None):
         self.deltas.append(text)
+        if logprobs is not None:
+            self.logprob_deltas.append(logprobs)
 
     def done(self, result):
         self.result = result

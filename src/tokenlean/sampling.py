@@ -19,6 +19,10 @@ class SamplingParams:
     top_k: int = 0  # 0 -> no limit
     top_p: float = 1.0
     seed: int | None = None
+    # OpenAI's penalties over the tokens generated so far: logit -= frequency * count
+    # + presence * (count > 0). Not a speculative rule: a penalized sequence is not drafted.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         if not (self.temperature >= 0 and self.temperature <= 100):
@@ -29,6 +33,13 @@ class SamplingParams:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise UserError(f"seed must be in [0, 2**64 - 1], got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise UserError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -41,6 +52,12 @@ class SamplingParams:
         else:
             g.manual_seed(self.seed)
         return g
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(V,) logits less the presence and frequency penalties of (V,) generated-token counts."""
+    return (logits.float() - params.frequency_penalty * counts
+            - params.presence_penalty * (counts > 0).float())
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -51,7 +51,9 @@ class Sink:
         """Non-None (e.g. "cancelled", "timeout") to stop the sequence before the next step."""
         return None
 
-    def delta(self, text: str) -> None: ...
+    def delta(self, text: str, logprobs: list | None = None) -> None:
+        """New text; with `logprobs` asked for, the TokenLogprobs of the tokens behind it
+        (sent even when the text is held back, e.g. a partial character)."""
 
     def done(self, result) -> None: ...
 
@@ -66,6 +68,7 @@ class Work:
     text: TextStream
     sink: Sink
     stored: bool = False  # its prompt went into the prefix cache
+    logprobs_sent: int = 0  # seq.logprobs[:logprobs_sent] went out with earlier deltas
 
 
 class TreeSizer:
@@ -235,14 +238,18 @@ class Scheduler:
         delta = work.text.push(tokens)
         if work.text.hit:
             seq.stop_early(work.text.unused)
-        if delta:
+        if seq.logprobs is not None:
+            new, work.logprobs_sent = seq.logprobs[work.logprobs_sent:], len(seq.logprobs)
+            if delta or new:
+                work.sink.delta(delta, new)
+        elif delta:
             work.sink.delta(delta)
         if seq.finished:
             tail = work.text.close()
             if work.text.hit:
                 seq.finish_reason = "stop"
             if tail:
-                work.sink.delta(tail)
+                work.sink.delta(tail, [] if seq.logprobs is not None else None)
             result = seq.result(work.text.text)
             self._end(work)
             work.sink.done(result)

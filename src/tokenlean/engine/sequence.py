@@ -18,9 +18,33 @@ import torch
 from tokenlean.errors import UserError
 from tokenlean.kv.registry import check_with_drafting
 from tokenlean.model.transformer import Segment
-from tokenlean.sampling import SamplingParams, probabilities, sample
+from tokenlean.sampling import SamplingParams, penalize, probabilities, sample
 from tokenlean.spec_decode.tree import DraftTree
 from tokenlean.spec_decode.verify import Accepted, verify_greedy, verify_sampling
+
+
+@dataclass
+class TokenLogprob:
+    """A chosen token's log-probability under the model (its raw distribution: before
+    temperature, top-k/top-p and penalties, as vLLM reports by default) and the `top`
+    most likely tokens at that position, (token, logprob) best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """(n, V) logits of the positions that chose `tokens` (n of them) -> their logprobs."""
+    logp = logits[: len(tokens)].float().log_softmax(-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    best = logp.topk(top, dim=-1) if top else None
+    out = []
+    for i, (token, lp) in enumerate(zip(tokens, chosen)):
+        alternatives = (list(zip(best.indices[i].tolist(), best.values[i].tolist()))
+                        if best is not None else [])
+        out.append(TokenLogprob(token, lp, alternatives))
+    return out
 
 
 @dataclass
@@ -31,6 +55,7 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     stats: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
     def to_json(self) -> dict:
         return {
@@ -101,10 +126,16 @@ class Plan:
 class Sequence:
     def __init__(self, model, prompt_ids: list[int], max_new_tokens: int,
                  sampling: SamplingParams, *, drafter=None, policy=None,
-                 question_ids: list[int] | None = None, stop_ids=(), method: str = "greedy"):
+                 question_ids: list[int] | None = None, stop_ids=(), method: str = "greedy",
+                 logprobs: int | None = None):
         """`drafter`: the method's shared drafter (this sequence opens its own session);
         `policy`: a fresh CachePolicy; `question_ids`: fed after the prompt was prefilled
-        (and compressed), before the first token is chosen (kvpress's protocol)."""
+        (and compressed), before the first token is chosen (kvpress's protocol);
+        `logprobs`: None, or record each new token's logprob and this many alternatives.
+        Penalties depend on the tokens before each position, which a draft tree's
+        verification does not apply: a penalized sequence decodes without drafting."""
+        if sampling.penalized:
+            drafter = None
         if policy is not None:
             check_with_drafting(policy.name, drafter is not None)
         self.model, self.sampling, self.policy, self.method = model, sampling, policy, method
@@ -124,6 +155,10 @@ class Sequence:
         self.cache = None  # allocated when the sequence is admitted (`allocate`)
         self.fed = 0  # feed[:fed] is in the cache
         self.out: list[int] = []
+        self.top_logprobs = logprobs
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs is not None else None
+        self.counts = (torch.zeros(model.config.vocab_size, device=model.device)
+                       if sampling.penalized else None)  # generated-token counts
         self.history = list(self.feed)  # what the drafter looks at
         self.generator = sampling.generator(model.device)
         self.spec = SpecStats()
@@ -210,7 +245,7 @@ class Sequence:
             return self._first(logits[-1])
         self.steps += 1
         if plan.tree is None:
-            return self.accept([self._choose(logits[0])])
+            return self._record(logits[:1], self.accept([self._choose(logits[0])]))
         t0 = time.perf_counter()
         tree = plan.tree
         if self.sampling.greedy:
@@ -223,7 +258,7 @@ class Sequence:
         self.spec.record(tree, accepted)
         self.last_tree = (len(tree), accepted.nodes)
         self.drafter.observe(tree, logits, accepted)
-        return self.accept(accepted.tokens)
+        return self._record(logits[kept.to(logits.device)], self.accept(accepted.tokens))
 
     def prefill_with_policy(self) -> list[int]:
         """A cache policy compresses the prompt inside its own forward (not packed with other
@@ -239,9 +274,21 @@ class Sequence:
         self.steps = 1
         if self.drafter:
             self.drafter.start(self.history, self.sampling)
-        return self.accept([self._choose(logits)])
+        return self._record(logits[None], self.accept([self._choose(logits)]))
+
+    def _record(self, logits: torch.Tensor, kept: list[int]) -> list[int]:
+        """Note the logprobs of the kept tokens ((n, V) logits of the positions that chose
+        them) and their counts for the penalties."""
+        if self.logprobs is not None and kept:
+            self.logprobs += token_logprobs(logits, kept, self.top_logprobs)
+        if self.counts is not None:
+            for token in kept:
+                self.counts[token] += 1
+        return kept
 
     def _choose(self, logits: torch.Tensor) -> int:
+        if self.counts is not None:
+            logits = penalize(logits, self.counts, self.sampling)
         if self.sampling.greedy:
             return int(logits.argmax())
         return int(sample(probabilities(logits, self.sampling), self.generator))
@@ -266,6 +313,8 @@ class Sequence:
         """The text layer hit a stop string with `unused` of the last new tokens left over."""
         if unused:
             del self.out[-unused:]
+            if self.logprobs is not None:
+                del self.logprobs[-unused:]
         self.finish_reason = "stop"
 
     # --- the end -----------------------------------------------------------------------------
@@ -306,4 +355,5 @@ class Sequence:
         return GenerationResult(text=text, token_ids=list(self.out),
                                 prompt_tokens=len(self.prompt_ids),
                                 completion_tokens=len(self.out),
-                                finish_reason=self.finish_reason or "length", stats=self.stats())
+                                finish_reason=self.finish_reason or "length", stats=self.stats(),
+                                logprobs=list(self.logprobs) if self.logprobs is not None else None)
