@@ -75,8 +75,12 @@ def ray_server(tmp_path_factory):
     cmd = [sys.executable, "-m", "tokenlean.cli", "serve", "--replicas", "2", "--threads", "1",
            "--max-ongoing-requests", "4", "--api-key", KEY, "--host", "127.0.0.1",
            "--port", str(port)]
+    # A dead cluster to join: the server starts its own Ray all the same (as it does when
+    # /tmp/ray/ray_current_cluster names a `ray start` cluster that is gone).
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
     # its own session: the finalizer can stop Ray's processes even if the server hangs
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env)
     state = {"proc": proc, "log": log_path}
     try:
         deadline = time.monotonic() + 120
@@ -138,6 +142,58 @@ def test_health_metrics_and_auth_through_ray(ray_server):
     models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"},
                        timeout=10)
     assert [m["id"] for m in models.json()["data"]] == ["tl-code"]
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
+def test_local_ray_listens_on_loopback_only(ray_server):
+    """--host 127.0.0.1: the private Ray's GCS and raylet are a 127.0.0.1 node, not reachable
+    from the network (Ray would otherwise bind them on every interface)."""
+    _, state = ray_server
+    sockets = {}
+    for pid in _session_processes(state["proc"].pid):
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        if comm in ("gcs_server", "raylet"):
+            sockets.setdefault(comm, []).extend(_listening(pid))
+    assert set(sockets) == {"gcs_server", "raylet"} and all(sockets.values()), sockets
+    outside = {name: [ip for ip in ips if not _loopback(ip)] for name, ips in sockets.items()}
+    assert outside == {"gcs_server": [], "raylet": []}
+
+
+def test_loopback_hosts():
+    ray_serve = pytest.importorskip("tokenlean.serve.ray_serve")
+    assert all(map(ray_serve._is_loopback, ["127.0.0.1", "127.0.1.1", "localhost", "::1"]))
+    assert not any(map(ray_serve._is_loopback, ["0.0.0.0", "::", "192.0.2.2", "example.org"]))
+
+
+def _listening(pid: str) -> list:
+    """The addresses process `pid` listens on over TCP (Linux /proc/net)."""
+    import ipaddress
+
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        path = Path("/proc/net") / table
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(fields[1].split(":")[0])  # 32-bit words, each little-endian
+            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append(ipaddress.ip_address(packed))
+    return found
+
+
+def _loopback(ip) -> bool:
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
 def test_sigterm_shuts_ray_down(ray_server):

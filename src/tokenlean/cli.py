@@ -622,7 +622,7 @@ def serve_on_ray(args, method_args: dict, kv) -> int:
         model=args.model, device=args.device, dtype=args.dtype, method=args.method,
         method_args=method_args, kv=kv, api_key=args.api_key, max_queue=args.max_queue,
         model_id=args.served_model_name, request_timeout=args.request_timeout or None,
-        threads=args.threads or 1)
+        threads=args.threads or 1, scheduler=scheduler_config(args))
     return ray_serve.run(spec, args.host, args.port, replicas=args.replicas,
                          autoscale=args.autoscale,
                          max_ongoing_requests=args.max_ongoing_requests,

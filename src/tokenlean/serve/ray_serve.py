@@ -9,7 +9,9 @@ replica at once) and can autoscale the replicas. Needs: pip install 'tokenlean[r
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
+import os
 import signal
 import sys
 import time
@@ -41,6 +43,7 @@ class ReplicaSpec:
     model_id: str | None = None
     request_timeout: float | None = 300.0
     threads: int = 1  # torch threads, and the CPUs Ray reserves for the replica
+    scheduler: object = None  # an engine.scheduler.SchedulerConfig (continuous batching)
 
 
 class ReplicaHeader:
@@ -73,7 +76,7 @@ def build_app(spec: ReplicaSpec):
     lm.drafter(spec.method, spec.method_args)  # build the drafter now, not on the 1st request
     app = create_app(lm, spec.method, spec.method_args, kv=spec.kv, api_key=spec.api_key,
                      max_queue=spec.max_queue, model_id=spec.model_id,
-                     request_timeout=spec.request_timeout)
+                     request_timeout=spec.request_timeout, scheduler=spec.scheduler)
     # Added last, so outermost: 401s and errors are named too.
     app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_tag)
     return app
@@ -136,7 +139,7 @@ def run(spec: ReplicaSpec, host: str, port: int, replicas: int = 1,
     # Quiet: the replicas' own output stays in Ray's log files; their errors reach us
     # through serve.status (see deploy).
     if local:  # a private single-machine instance, without the dashboard
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        _start_local_ray(loopback=_is_loopback(host))
     else:
         try:
             ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=False)
@@ -166,6 +169,42 @@ def run(spec: ReplicaSpec, host: str, port: int, replicas: int = 1,
             pass
         ray.shutdown()
     return 0
+
+
+def _start_local_ray(loopback: bool) -> None:
+    """A new Ray instance of our own, even where RAY_ADDRESS is set or /tmp/ray/
+    ray_current_cluster names the cluster of an earlier `ray start` (ray.init() joins that
+    one, dead or alive: a stale file means 'Failed to connect to GCS'). On a loopback --host
+    its processes listen on 127.0.0.1 only, as the server does."""
+    # Ray's default for a new local instance (token auth, the token in ~/.ray/auth_token)
+    # without its warning about that default on stderr.
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    if loopback:
+        _pin_ray_to_loopback()
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+
+
+def _pin_ray_to_loopback() -> None:
+    """Ray turns a loopback node address (ray.init(_node_ip_address="127.0.0.1")) into the
+    machine's external IP and binds GCS, raylet and workers there or on every interface,
+    except in its single-machine mode (the default on macOS and Windows), where the node is
+    127.0.0.1 and they bind loopback only. That mode is read from the environment when
+    `ray` is imported: set it for Ray's processes, and in this one's (already imported)
+    constants."""
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def _check_fits(replicas: int, cpus: int, gpus: int) -> None:
