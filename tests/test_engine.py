@@ -262,6 +262,13 @@ def test_tree_sizer_follows_the_cost_curve():
     assert nodes(knee, 1) == 2 and nodes(knee, 32) == 0
     warming = TreeSizer({1: 1.0, 64: 64.0}, max_nodes=12)
     assert warming.nodes(32) == 12  # full trees until the rates are measured
+    # every EXPLORE-th step one sequence of the batch, in turn, drafts a full tree
+    explorers = []
+    for _ in range(3 * TreeSizer.EXPLORE):
+        assert steep.nodes(16) == 0
+        explorers.append(steep.explorer(16))
+    chosen = [e for e in explorers if e is not None]
+    assert len(chosen) == 3 and len(set(chosen)) == 3 and all(0 <= e < 16 for e in chosen)
 
 
 def test_interleaved_generations_do_not_share_drafter_state(tiny_lm):

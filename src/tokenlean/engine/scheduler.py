@@ -106,11 +106,16 @@ class TreeSizer:
         slope = (costs[-1] - costs[-2]) / (sizes[-1] - sizes[-2])
         return costs[-1] + slope * (tokens - sizes[-1])
 
+    def explorer(self, batch: int) -> int | None:
+        """Which of the batch's sequences drafts a full tree this step (every EXPLORE-th
+        step, in turn), so that the rates of nodes the chosen size leaves out keep being
+        measured (Token Recycling's matrix improves as it serves). One sequence, not all:
+        full trees for a whole large batch would cost several steps."""
+        return (self.calls // self.EXPLORE) % batch if self.calls % self.EXPLORE == 0 else None
+
     def nodes(self, batch: int, other_tokens: int = 0) -> int:
         self.calls += 1
-        # full trees while warming up, and every EXPLORE-th step after, so the rates keep
-        # following the drafter (Token Recycling's matrix improves as it serves)
-        if self.steps < self.WARMUP_STEPS or self.calls % self.EXPLORE == 0:
+        if self.steps < self.WARMUP_STEPS:  # full trees until the rates are measured
             return self.max_nodes
         rates = [a / o if o else 0.0 for a, o in zip(self.accepted, self.offered)]
         best, best_rate = 0, batch / self.cost(batch + other_tokens)
@@ -203,14 +208,16 @@ class Scheduler:
         """Which sequences run this step, and how many prompt tokens each may feed."""
         decoding = [w for w in self.running if not w.seq.prefilling]
         prefilling = [w for w in self.running if w.seq.prefilling]
-        nodes = None
+        nodes = explorer = None
         if self.sizer is not None and self.config.adaptive_trees and decoding:
             nodes = self.sizer.nodes(len(decoding))
+            explorer = self.sizer.explorer(len(decoding))
         used = 0
-        for work in decoding:
-            work.seq.max_nodes = nodes
+        for i, work in enumerate(decoding):
+            work.seq.max_nodes = self.sizer.max_nodes if i == explorer else nodes
             drafter = work.seq.drafter
-            used += 1 + (min(nodes, drafter.max_nodes) if nodes is not None else
+            cap = work.seq.max_nodes
+            used += 1 + (min(cap, drafter.max_nodes) if cap is not None else
                          drafter.max_nodes if drafter else 0)
         left = max(self.config.max_step_tokens - used, 0)
         batch, chunks = list(decoding), [None] * len(decoding)

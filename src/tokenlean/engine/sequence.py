@@ -223,12 +223,8 @@ class Sequence:
 
     def _draft(self) -> DraftTree | None:
         max_depth = min(self.budget - len(self.out) - 1, self.context - 1 - self.cache.seen)
-        if self.drafter is None or max_depth <= 0:
-            return None
-        if self.max_nodes == 0 and self.drafter.needs_draft_model:
-            return None  # a draft model's proposal costs forwards: skip it, decode plainly
-        # a model-free drafter still proposes (cheap) and sees the target's logits when its
-        # tree is cut to nothing: Token Recycling's matrix keeps learning
+        if self.drafter is None or max_depth <= 0 or self.max_nodes == 0:
+            return None  # the scheduler found that drafting does not pay in this batch
         t0 = time.perf_counter()
         tree = self.drafter.propose(self.history, max_depth)
         if self.max_nodes is not None:
