@@ -294,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a request still waiting or generating this long after it arrived is "
                          "cancelled and answered with a 504 timeout error (default 300; "
                          "0 = no limit)")
+    sv.add_argument("--shutdown-timeout", type=_float_in(0, 1e9), default=30.0,
+                    metavar="SECONDS",
+                    help="on SIGTERM/Ctrl-C, how long requests in flight may take to finish; "
+                         "those left are then stopped and answered with a 503 server_shutdown "
+                         "error (default 30; 0 = at once)")
+    sv.add_argument("--max-body-mb", type=_float_in(0.001, 1e6), default=8.0, metavar="MB",
+                    help="request bodies larger than this get a 413 (default 8)")
     sv.add_argument("--served-model-name", default=None,
                     help="the model id clients send (default: the model's name)")
     sv.add_argument("--threads", type=_positive_int, default=None,
@@ -565,9 +572,10 @@ def cmd_serve(args) -> int:
     if args.port > 65535:
         raise UserError(f"--port must be <= 65535, got {args.port}")
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (the serve extra is installed)
 
         from tokenlean.serve.app import create_app
+        from tokenlean.serve.app import run as run_server
     except ImportError as e:
         raise UserError(f"serving needs the serve extra ({e.name} is missing): "
                         "pip install 'tokenlean[serve]'") from None
@@ -585,12 +593,13 @@ def cmd_serve(args) -> int:
     app = create_app(lm, args.method, method_args, kv=kv, api_key=args.api_key,
                      max_queue=args.max_queue, model_id=args.served_model_name,
                      request_timeout=args.request_timeout or None,
-                     scheduler=scheduler_config(args))
+                     scheduler=scheduler_config(args),
+                     max_body_bytes=int(args.max_body_mb * 2**20))
     # Listening only now: a client polling during the model load is refused, not left waiting.
     sock.listen(2048)  # uvicorn's default backlog
     print(f"tokenlean: serving {lm.name} (method {args.method}, kv {kv}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    run_server(app, sock, shutdown_timeout=args.shutdown_timeout)
     return 0
 
 

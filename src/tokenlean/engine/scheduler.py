@@ -159,6 +159,17 @@ class Scheduler:
         self.running.clear()
         self.waiting.clear()
 
+    def fail_all(self, error: Exception) -> None:
+        """Fail every running and waiting sequence with `error` (after an internal error)."""
+        for work in [*self.running, *self.waiting]:
+            try:
+                self._end(work)
+            except Exception:  # the state is already broken; the sink must still hear
+                log.exception("could not release a sequence")
+            work.sink.failed(error)
+        self.running.clear()
+        self.waiting.clear()
+
     def step_once(self) -> None:
         self._drop_stopped()
         self._admit()

@@ -7,24 +7,46 @@ from collections.abc import Iterable
 
 
 class StopStrings:
-    """Cuts the text at the first stop string; holds back a tail that may begin one."""
+    """Cuts the text at the first stop string; holds back a tail that may begin one.
+
+    Each `feed` looks only at the new text and the held-back tail before it (at most the
+    longest stop string minus one character), so a long output with long stop strings
+    costs time linear in its length, not quadratic."""
 
     def __init__(self, stops: Iterable[str]):
         self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
         self.text = ""
         self.sent = 0  # text[:sent] has been emitted
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Add new text; return (text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            self.text += delta
+            return self._emit(len(self.text)), False
+        # a stop string that ends in the new text starts at most longest - 1 characters back
+        start = max(self.sent, len(self.text) - self.longest + 1)
         self.text += delta
         # the stop string completed first (earliest end; of those, the longest) ends the
         # text, so the cut does not depend on how the text was split into deltas
-        hits = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
+        hits = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, start)) >= 0]
         if hits:
             return self._emit(min(hits)[1]), True
-        hold = max((k for s in self.stops for k in range(1, len(s))
-                    if self.text.endswith(s[:k])), default=0)
-        return self._emit(len(self.text) - hold), False
+        return self._emit(len(self.text) - self._partial_tail()), False
+
+    def _partial_tail(self) -> int:
+        """The length of the longest end of the text that begins some stop string."""
+        tail_start = max(self.sent, len(self.text) - self.longest + 1)
+        best = 0
+        for s in self.stops:
+            # candidates begin where the stop string's first character occurs, leftmost first
+            i = self.text.find(s[0], max(tail_start, len(self.text) - len(s) + 1))
+            while i >= 0 and len(self.text) - i > best:
+                if s.startswith(self.text[i:]):
+                    best = len(self.text) - i
+                    break
+                i = self.text.find(s[0], i + 1)
+        return best
 
     def flush(self) -> str:
         return self._emit(len(self.text))

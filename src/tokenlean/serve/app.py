@@ -31,6 +31,8 @@ from tokenlean.serve.engine import Engine, Job, QueueFull, RequestTimeout, Serve
 from tokenlean.serve.schemas import (
     CHAT_MAX_TOKENS,
     COMPLETION_MAX_TOKENS,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
@@ -151,9 +153,11 @@ def served_name(name: str) -> str:
 def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=None,
                api_key: str | None = None, max_queue: int = 64,
                model_id: str | None = None, request_timeout: float | None = 300.0,
-               scheduler: SchedulerConfig | None = None) -> FastAPI:
+               scheduler: SchedulerConfig | None = None,
+               max_body_bytes: int = 8 * 2**20) -> FastAPI:
     """`request_timeout`: seconds from arrival after which a request still waiting or
     generating is cancelled and answered with a 504 `timeout` error (None or <= 0: no limit).
+    `max_body_bytes`: larger request bodies get a 413 before they are read in full.
     `kv`: the server's KV-cache policy (kv.registry.KVConfig), the same for every request.
     `scheduler`: continuous batching's limits (batch size, step tokens, KV memory, prefix
     cache)."""
@@ -209,7 +213,12 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
     async def _internal(request: Request, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
 
+    app.add_middleware(LimitBody, max_bytes=max_body_bytes)
     app.add_middleware(AuthAndCount, api_key=api_key, metrics=metrics)
+    # A prompt of more characters than this has more tokens than the context can hold
+    # (no token is longer): refused before it is tokenized.
+    longest_token = max(len(t) for t in lm.tokenizer.tok.get_vocab())
+    max_prompt_chars = lm.context * max(longest_token, 1)
 
     # ---- endpoints ----
     @app.get("/health")
@@ -234,22 +243,41 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
         if body.model is not None and body.model not in accepted_names:
             raise ApiError(404, f"The model `{body.model}` does not exist; this server serves "
                            f"`{model_id}`", param="model", code="model_not_found")
-        if body.n != 1:
-            raise ApiError(400, f"n={body.n} is not supported: tokenlean returns one choice "
-                           "per request (n=1)", param="n", code="unsupported_value")
-        if body.stop is not None and len(body.stop_list()) > 16:
-            raise ApiError(400, "at most 16 stop sequences", param="stop")
+        refused = body.unsupported()
+        if refused:
+            name, why = refused
+            raise ApiError(400, f"{name}={json.dumps(getattr(body, name))} is not supported: "
+                           f"{why}", param=name, code="unsupported_value")
+        stops = body.stop_list()
+        if len(stops) > MAX_STOPS:
+            raise ApiError(400, f"at most {MAX_STOPS} stop sequences, got {len(stops)}",
+                           param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"a stop sequence may have at most {MAX_STOP_CHARS} "
+                           "characters", param="stop")
+        for s in stops:
+            check_text(s, "stop")
         try:
             return SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_k=max(body.top_k or 0, 0),
                 top_p=1.0 if body.top_p is None else body.top_p,
-                seed=body.seed)
+                seed=body.seed, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty)
         except UserError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
 
+    async def tokenize(text: str, param: str) -> list[int]:
+        """Off the event loop: a long prompt must not stall other requests and /health."""
+        check_text(text, param)
+        if len(text) > max_prompt_chars:
+            raise ApiError(400, f"the prompt has {len(text)} characters, more than the "
+                           f"{lm.context}-token context can hold", param=param,
+                           code="context_length_exceeded")
+        return await asyncio.to_thread(lm.encode, text)
+
     def make_job(prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
-                 stop: list[str], param: str) -> Job:
+                 stop: list[str], param: str, logprobs: int | None = None) -> Job:
         try:
             check_prompt(prompt_ids, lm.context, max_tokens)
         except UserError as e:
@@ -259,7 +287,7 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
         if any(t < 0 or t >= lm.model.config.vocab_size for t in prompt_ids):
             raise ApiError(400, "prompt token ids must be in [0, vocab size)", param=param)
         job = Job(prompt_ids, max_tokens, sampling, stop, asyncio.get_running_loop(),
-                  timeout=request_timeout)
+                  timeout=request_timeout, logprobs=logprobs)
         try:
             engine.submit(job)
         except QueueFull as e:
@@ -267,7 +295,7 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
         return job
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         sampling = check_common(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -275,46 +303,64 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
                 raise ApiError(400, "one prompt per request (a list of one string is accepted)",
                                param="prompt", code="unsupported_value")
             prompt = prompt[0]
-        ids = lm.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs (the prompt's own logprobs) is not "
+                           "supported; ask for one or the other", param="echo",
+                           code="unsupported_value")
+        ids = await tokenize(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
         max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
-        job = make_job(ids, max_tokens, sampling, body.stop_list(), "prompt")
+        job = make_job(ids, max_tokens, sampling, body.stop_list(), "prompt", body.logprobs)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = (prompt if isinstance(prompt, str) else lm.tokenizer.decode(ids)) if body.echo else ""
+        offset = [len(echo)]  # text_offset of the next token
 
-        def chunk(text: str, finish: str | None) -> dict:
+        def chunk(text: str, finish: str | None, logprobs=None) -> dict:
             return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
-                    "choices": [{"index": 0, "text": text, "logprobs": None,
+                    "choices": [{"index": 0, "text": text,
+                                 "logprobs": completion_logprobs(logprobs, offset)
+                                 if body.logprobs is not None else None,
                                  "finish_reason": finish}]}
 
         if body.stream:
-            return _sse(job, metrics, body.include_usage, lambda d: chunk(d, None),
-                        lambda r: chunk("", r.finish_reason),
+            first = chunk(echo, None) if echo else None
+            return _sse(job, metrics, body.include_usage, lambda d, lp: chunk(d, None, lp),
+                        lambda r: chunk("", r.finish_reason, []),
                         {"id": rid, "object": "text_completion", "created": now,
-                         "model": model_id, "choices": []})
-        result = await _collect(job, metrics)
-        out = chunk(result.text, result.finish_reason)
+                         "model": model_id, "choices": []}, first)
+        result = await _collect(job, metrics, request)
+        out = chunk(echo + result.text, result.finish_reason, result.logprobs)
         out["usage"] = _usage(result)
         return out
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         sampling = check_common(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        for m in messages:
+            check_text(m["content"], "messages")
         try:
             prompt = lm.tokenizer.apply_chat_template(messages)
         except UserError as e:
             raise ApiError(400, str(e), param="messages") from None
-        ids = lm.encode(prompt)
+        ids = await tokenize(prompt, "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
-        job = make_job(ids, max_tokens, sampling, body.stop_list(), "messages")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        job = make_job(ids, max_tokens, sampling, body.stop_list(), "messages", top)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id}
         first = [True]
 
-        def delta_chunk(text: str) -> dict:
+        def logprobs_of(lps) -> dict | None:
+            return chat_logprobs(lps) if body.logprobs else None
+
+        def delta_chunk(text: str, lps=None) -> dict:
             delta = {"content": text}
             if first[0]:
                 delta["role"], first[0] = "assistant", False
-            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+            return {**base, "choices": [{"index": 0, "delta": delta,
+                                         "logprobs": logprobs_of(lps),
                                          "finish_reason": None}]}
 
         def final_chunk(result) -> dict:
@@ -325,11 +371,37 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
         if body.stream:
             return _sse(job, metrics, body.include_usage, delta_chunk, final_chunk,
                         {**base, "choices": []})
-        result = await _collect(job, metrics)
+        result = await _collect(job, metrics, request)
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "logprobs": None, "finish_reason": result.finish_reason}],
+                             "logprobs": logprobs_of(result.logprobs),
+                             "finish_reason": result.finish_reason}],
                 "usage": _usage(result)}
+
+    def token_text(token: int) -> str:
+        return lm.tokenizer.decode([token], skip_special_tokens=False)
+
+    def completion_logprobs(lps, offset: list[int]) -> dict:
+        """OpenAI's legacy shape: parallel lists; `offset[0]`, the next token's
+        text_offset, moves on as chunks go out."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for lp in lps or []:
+            text = token_text(lp.token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp.logprob)
+            out["top_logprobs"].append({token_text(t): v for t, v in lp.top})
+            out["text_offset"].append(offset[0])
+            offset[0] += len(text)
+        return out
+
+    def chat_logprobs(lps) -> dict:
+        def entry(token: int, logprob: float) -> dict:
+            text = token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(lp.token, lp.logprob),
+                             "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                            for lp in lps or []]}
 
     return app
 
@@ -367,6 +439,80 @@ class AuthAndCount:
             await self.app(scope, receive, send_status)
         finally:
             self.metrics.requests.labels(_endpoint(path), str(status[0])).inc()
+
+
+class LimitBody:
+    """Pure ASGI middleware: a request body over `max_bytes` gets a 413 (by its
+    Content-Length at once, else as soon as the streamed body passes the limit)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:  # read the body here, so an oversized one never reaches a handler
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks.append(message)
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            chunks.append(message)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return chunks.pop(0) if chunks else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = error_response(413, f"the request body is larger than the server's limit "
+                                  f"of {self.max_bytes / 2**20:g} MB (--max-body-mb)",
+                                  code="request_too_large")
+        await response(scope, receive, send)
+
+
+def check_text(text: str, param: str) -> None:
+    """Text from JSON may hold a lone UTF-16 surrogate ("\\ud800"), which is not Unicode
+    text and which no tokenizer takes: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param} holds a lone UTF-16 surrogate "
+                       f"({text[e.start]!a} at character {e.start}); send valid Unicode text",
+                       param=param, code="invalid_value") from None
+
+
+def run(app: FastAPI, sock, shutdown_timeout: float | None = 30.0) -> None:
+    """Serve on a bound socket until SIGINT/SIGTERM. Then new connections are refused and
+    the requests in flight get `shutdown_timeout` seconds to finish; those still waiting or
+    generating after it are stopped and answered with a 503 `server_shutdown` error (a
+    streaming client gets it as its last event). None: wait for them without a limit."""
+    import threading
+
+    import uvicorn
+
+    engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if shutdown_timeout is not None and not self.should_exit:
+                timer = threading.Timer(shutdown_timeout, engine.cancel_all)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own limit, a backstop a few seconds after ours: it drops the connections
+    backstop = None if shutdown_timeout is None else shutdown_timeout + 5
+    Server(uvicorn.Config(app, log_level="warning",
+                          timeout_graceful_shutdown=backstop)).run(sockets=[sock])
 
 
 def _endpoint(path: str) -> str:
@@ -417,7 +563,13 @@ def _raise_job_error(exc: Exception):
     raise ApiError(500, f"generation failed: {type(exc).__name__}", "server_error")
 
 
-async def _collect(job: Job, metrics: Metrics):
+DISCONNECT_POLL_S = 0.25
+
+
+async def _collect(job: Job, metrics: Metrics, request: Request | None = None):
+    """The job's result; the generation stops if the client goes away meanwhile (checked
+    every DISCONNECT_POLL_S: a non-streaming client sends nothing else to notice)."""
+    watcher = asyncio.create_task(_watch_disconnect(job, request)) if request else None
     try:
         while True:
             kind, value = await _next_event(job, metrics)
@@ -427,6 +579,16 @@ async def _collect(job: Job, metrics: Metrics):
                 _raise_job_error(value)
     finally:
         job.cancel()  # a no-op once done; stops the generation if the client went away
+        if watcher:
+            watcher.cancel()
+
+
+async def _watch_disconnect(job: Job, request: Request) -> None:
+    while not job.cancelled.is_set():
+        if await request.is_disconnected():
+            job.cancel()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 def _error_event(exc: Exception) -> dict:
@@ -437,17 +599,25 @@ def _error_event(exc: Exception) -> dict:
         return error_body(e.message, e.type, e.param, e.code)
 
 
-def _sse(job: Job, metrics: Metrics, include_usage: bool, on_delta, on_final, usage_base: dict):
+def _sse(job: Job, metrics: Metrics, include_usage: bool, on_delta, on_final, usage_base: dict,
+         first: dict | None = None):
+    """Server-sent events: `first` (e.g. the echoed prompt), a chunk per delta (text, and the
+    logprobs of the tokens behind it when asked for), the final chunk, usage, [DONE]."""
     def line(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     async def events():
         try:
+            if first is not None:
+                if include_usage:
+                    first["usage"] = None
+                yield line(first)
             while True:
                 kind, value = await _next_event(job, metrics)
                 if kind == "delta":
-                    if value:
-                        chunk = on_delta(value)
+                    text, logprobs = value
+                    if text or logprobs:
+                        chunk = on_delta(text, logprobs)
                         if include_usage:
                             chunk["usage"] = None
                         yield line(chunk)

@@ -28,6 +28,9 @@ from tokenlean.spec_decode.budget import forward_costs
 log = logging.getLogger("tokenlean.serve")
 
 
+CANCEL_ALL = "cancel all"  # a marker on the job queue
+
+
 class QueueFull(Exception):
     pass
 
@@ -47,6 +50,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.perf_counter)
     timeout: float | None = None  # seconds from arrival; None = no limit
+    logprobs: int | None = None  # None: no logprobs; k: each token's and k alternatives
 
     @property
     def deadline(self) -> float | None:
@@ -61,7 +65,8 @@ class Job:
                               f"timeout ({self.timeout:g} s); its generation was stopped")
 
     def send(self, kind: str, value) -> None:
-        """From the worker thread: ("delta", str) | ("done", GenerationResult) | ("error", exc)."""
+        """From the worker thread: ("delta", (text, logprobs or None)) |
+        ("done", GenerationResult) | ("error", exc)."""
         try:
             self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is closed (server shutting down)
@@ -87,15 +92,16 @@ class JobSink(Sink):
             return "timeout"
         return "cancelled" if self.job.cancelled.is_set() else None
 
-    def delta(self, text: str) -> None:
+    def delta(self, text: str, logprobs: list | None = None) -> None:
         now = time.perf_counter()
-        if self.metrics:
+        if self.metrics and text:
             if self.last is None:
                 self.metrics.ttft.observe(now - self.job.arrival)
             else:
                 self.metrics.itl.observe(now - self.last)
-        self.last = now
-        self.job.send("delta", text)
+        if text:
+            self.last = now
+        self.job.send("delta", (text, logprobs))
 
     def done(self, result) -> None:
         if self.metrics:
@@ -124,7 +130,8 @@ class Engine:
         self.metrics = metrics
         self.config = config or SchedulerConfig()
         self.max_queue = max_queue  # requests waiting for a place in the batch
-        self.jobs: queue.Queue[Job | None] = queue.Queue()  # handed to the worker thread
+        # handed to the worker thread: a Job, CANCEL_ALL or None (stop the worker)
+        self.jobs: queue.Queue[Job | str | None] = queue.Queue()
         self.scheduler: Scheduler | None = None  # built in the worker thread
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="tokenlean-engine", daemon=True)
@@ -139,6 +146,11 @@ class Engine:
     def stop(self, timeout: float = 5.0) -> None:
         self.jobs.put(None)
         self.thread.join(timeout)
+
+    def cancel_all(self) -> None:
+        """From any thread: stop every waiting and running request, each answered with a
+        503 server_shutdown error (the end of --shutdown-timeout's grace period)."""
+        self.jobs.put(CANCEL_ALL)
 
     def submit(self, job: Job) -> None:
         if self.waiting >= self.max_queue:
@@ -168,11 +180,17 @@ class Engine:
         self.ready.set()
         while True:
             for job in self._incoming(block=self.scheduler.idle):
-                if job is None:
+                if job is None or job is CANCEL_ALL:
                     self.scheduler.cancel_all("the server is shutting down")
-                    return
-                self._add(job)
-            self.scheduler.step_once()
+                    if job is None:
+                        return
+                else:
+                    self._add(job)
+            try:
+                self.scheduler.step_once()
+            except Exception as e:  # a bug must fail its requests, never kill the worker
+                log.exception("scheduler step failed")
+                self.scheduler.fail_all(e)
 
     def _incoming(self, block: bool) -> list[Job | None]:
         """New jobs: wait for one when nothing runs, else take what has arrived."""
@@ -194,7 +212,8 @@ class Engine:
         try:
             seq = Sequence(lm.model, job.prompt_ids, job.max_tokens, job.sampling,
                            drafter=self.drafter, policy=self.kv.make() if self.kv else None,
-                           stop_ids=lm.tokenizer.eos_ids, method=self.method)
+                           stop_ids=lm.tokenizer.eos_ids, method=self.method,
+                           logprobs=job.logprobs)
             self.scheduler.add(Work(seq, TextStream(lm.tokenizer, job.stop, seq.stop_ids), sink))
         except (UserError, CacheFull) as e:
             job.send("error", e)
