@@ -27,7 +27,14 @@ from tokenlean.decode import check_prompt
 from tokenlean.engine.scheduler import CacheFull, SchedulerConfig
 from tokenlean.errors import UserError
 from tokenlean.sampling import SamplingParams
-from tokenlean.serve.engine import Engine, Job, QueueFull, RequestTimeout, ServerShutdown
+from tokenlean.serve.engine import (
+    ClientGone,
+    Engine,
+    Job,
+    QueueFull,
+    RequestTimeout,
+    ServerShutdown,
+)
 from tokenlean.serve.schemas import (
     CHAT_MAX_TOKENS,
     COMPLETION_MAX_TOKENS,
@@ -491,8 +498,13 @@ def check_text(text: str, param: str) -> None:
 
 
 def run(app: FastAPI, sock, shutdown_timeout: float | None = 30.0) -> None:
-    """Serve on a bound socket until SIGINT/SIGTERM. Then new connections are refused and
-    the requests in flight get `shutdown_timeout` seconds to finish; those still waiting or
+    """Serve on a bound socket until SIGINT/SIGTERM (see GracefulServer)."""
+    graceful_server(app, shutdown_timeout).run(sockets=[sock])
+
+
+def graceful_server(app: FastAPI, shutdown_timeout: float | None = 30.0, **config):
+    """A uvicorn server that, on SIGINT/SIGTERM, refuses new connections and gives the
+    requests in flight `shutdown_timeout` seconds to finish; those still waiting or
     generating after it are stopped and answered with a 503 `server_shutdown` error (a
     streaming client gets it as its last event). None: wait for them without a limit."""
     import threading
@@ -501,7 +513,7 @@ def run(app: FastAPI, sock, shutdown_timeout: float | None = 30.0) -> None:
 
     engine = app.state.engine
 
-    class Server(uvicorn.Server):
+    class GracefulServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
             if shutdown_timeout is not None and not self.should_exit:
                 timer = threading.Timer(shutdown_timeout, engine.cancel_all)
@@ -511,8 +523,8 @@ def run(app: FastAPI, sock, shutdown_timeout: float | None = 30.0) -> None:
 
     # uvicorn's own limit, a backstop a few seconds after ours: it drops the connections
     backstop = None if shutdown_timeout is None else shutdown_timeout + 5
-    Server(uvicorn.Config(app, log_level="warning",
-                          timeout_graceful_shutdown=backstop)).run(sockets=[sock])
+    return GracefulServer(uvicorn.Config(app, log_level="warning",
+                                         timeout_graceful_shutdown=backstop, **config))
 
 
 def _endpoint(path: str) -> str:
@@ -560,6 +572,8 @@ def _raise_job_error(exc: Exception):
         raise ApiError(503, str(exc), "server_error", code="kv_cache_full")
     if isinstance(exc, ServerShutdown):
         raise ApiError(503, str(exc), "server_error", code="server_shutdown")
+    if isinstance(exc, ClientGone):  # nobody reads this answer; nginx's code for it
+        raise ApiError(499, "the client closed the request", code="client_closed_request")
     raise ApiError(500, f"generation failed: {type(exc).__name__}", "server_error")
 
 

@@ -76,6 +76,10 @@ class Job:
         self.cancelled.set()
 
 
+class ClientGone(Exception):
+    """The client went away (or the request was cancelled) before the generation ended."""
+
+
 class ServerShutdown(Exception):
     """The server stopped before this request finished."""
 
@@ -112,6 +116,7 @@ class JobSink(Sink):
         if reason == "cancelled":
             if self.metrics:
                 self.metrics.cancelled.inc()
+            self.job.send("error", ClientGone())  # ends a handler still waiting for a result
             return
         self.job.cancel()
         self.job.send("error", self.job.timeout_error() if reason == "timeout"
