@@ -76,16 +76,16 @@ def test_lone_surrogate_is_a_400(slow):
     lone = json.dumps("def f(\ud800):")  # JSON's own escape: "def f(\ud800):"
     bodies = {
         "/v1/completions": [
-            ('{"prompt": %s, "max_tokens": 2}' % lone, "prompt"),
-            ('{"prompt": [%s], "max_tokens": 2}' % lone, "prompt"),
-            ('{"prompt": %s, "max_tokens": 2, "stream": true}' % lone, "prompt"),
-            ('{"prompt": "ok", "stop": [%s], "max_tokens": 2}' % lone, "stop"),
+            ('{"prompt": LONE, "max_tokens": 2}'.replace("LONE", lone), "prompt"),
+            ('{"prompt": [LONE], "max_tokens": 2}'.replace("LONE", lone), "prompt"),
+            ('{"prompt": LONE, "max_tokens": 2, "stream": true}'.replace("LONE", lone), "prompt"),
+            ('{"prompt": "ok", "stop": [LONE], "max_tokens": 2}'.replace("LONE", lone), "stop"),
         ],
         "/v1/chat/completions": [
-            ('{"messages": [{"role": "user", "content": %s}], "max_tokens": 2}' % lone,
+            ('{"messages": [{"role": "user", "content": LONE}], "max_tokens": 2}'.replace("LONE", lone),
              "messages"),
-            ('{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}], '
-             '"max_tokens": 2, "stream": true}' % lone, "messages"),
+            ('{"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}], '
+             '"max_tokens": 2, "stream": true}'.replace("LONE", lone), "messages"),
         ],
     }
     with _Running(_app(slow)) as base:
