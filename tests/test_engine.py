@@ -219,6 +219,29 @@ def test_a_long_prompt_is_fed_in_chunks_while_others_decode(tiny_lm):
     assert len(short.seq.out) - before >= steps - 1  # ... and short decoded through them
 
 
+def test_a_short_prompt_goes_before_a_long_one(tiny_lm):
+    """A step that finishes a short prompt feeds a long one only MIN_CHUNK tokens, so the
+    long prompt does not hold up the short one's first token; the outputs stay exact."""
+    lm = fresh(tiny_lm)
+    scheduler = Scheduler(lm.model, SchedulerConfig(prefill_chunk=40, max_step_tokens=128))
+    long = work(lm, TRAIN_TEXT[2] * 3, 4)
+    assert long.seq.remaining_prompt > 2 * 40  # still long after its first chunk
+    scheduler.add(long)
+    scheduler.step_once()  # the long prompt alone: a whole chunk
+    assert long.seq.fed == 40
+    short = work(lm, "def f(x):", 4)
+    scheduler.add(short)
+    scheduler._admit()
+    batch, chunks = scheduler._plan()
+    assert batch == [short, long]  # shortest first
+    assert chunks == [short.seq.remaining_prompt, Scheduler.MIN_CHUNK]
+    while not scheduler.idle:
+        scheduler.step_once()
+    for w in (long, short):
+        alone = fresh(tiny_lm).generate(w.seq.prompt_ids, 4).token_ids
+        assert w.sink.result.token_ids == alone
+
+
 def test_cancelled_and_timed_out_sequences_leave_the_batch(tiny_lm):
     lm = fresh(tiny_lm)
 

@@ -6,8 +6,9 @@ Each `step_once`:
    have room (a sequence reserves its whole cache on admission, so a running one never
    runs out; one that could never fit is refused when it is added);
 3. shares the step's token budget: every decoding sequence gets its token and its
-   draft tree, then prompts are fed in chunks from what is left, so a long prompt
-   does not stall the streams that are decoding;
+   draft tree, then prompts are fed in chunks from what is left, shortest first, so a
+   long prompt stalls neither the streams that are decoding nor the first token of
+   the short prompts that arrive with it;
 4. sizes the draft trees for the batch from the device's measured forward costs and
    the acceptance seen so far, down to no drafting when drafting does not pay;
 5. runs the step and hands each sequence's new tokens to its text stream and sink.
@@ -232,14 +233,24 @@ class Scheduler:
                          drafter.max_nodes if drafter else 0)
         left = max(self.config.max_step_tokens - used, 0)
         batch, chunks = list(decoding), [None] * len(decoding)
-        for i, work in enumerate(prefilling):
-            # the oldest prompt always moves, however busy the decoding streams keep the step
-            chunk = min(self.config.prefill_chunk, left if i else max(left, self.MIN_CHUNK))
+        oldest = prefilling[0] if prefilling else None
+        short_here = False  # a prompt this step finishes: it chooses its first token
+        # Shortest prompt first, and a long one (more than a chunk left) only fills what the
+        # short ones leave, or MIN_CHUNK beside them: a 2,000-token prompt then does not hold
+        # up the first token of the short requests arriving with it.
+        for work in sorted(prefilling, key=lambda w: w.seq.remaining_prompt):
+            remaining = work.seq.remaining_prompt
+            long_prompt = remaining > self.config.prefill_chunk
+            chunk = 0 if long_prompt and short_here else min(self.config.prefill_chunk, left,
+                                                               remaining)
+            if work is oldest:  # the oldest prompt always moves, however busy the step
+                chunk = max(chunk, min(self.MIN_CHUNK, self.config.prefill_chunk, remaining))
             if chunk <= 0:
-                break
+                continue
+            short_here = short_here or chunk >= remaining
             batch.append(work)
             chunks.append(chunk)
-            left -= chunk
+            left = max(left - chunk, 0)
         return batch, chunks
 
     def _deliver(self, work: Work, tokens: list[int]) -> None:

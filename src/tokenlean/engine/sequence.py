@@ -191,6 +191,10 @@ class Sequence:
         self.fed = n
 
     @property
+    def remaining_prompt(self) -> int:
+        return len(self.feed) - self.fed
+
+    @property
     def prefilling(self) -> bool:
         return self.fed < len(self.feed)
 
