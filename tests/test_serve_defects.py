@@ -21,10 +21,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from test_serve import _slow_lm  # noqa: E402
-from test_serve_batch import _free_port, _metric  # noqa: E402
+from test_serve_batch import _free_port, _metric, _Server  # noqa: E402
 
 
-class _Running:
+class _Running(_Server):
     """A server (tokenlean.serve.app.graceful_server) in a thread, on loopback."""
 
     def __init__(self, app, shutdown_timeout: float | None = 30.0):
@@ -33,18 +33,6 @@ class _Running:
         self.port = _free_port()
         self.server = graceful_server(app, shutdown_timeout, host="127.0.0.1", port=self.port)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
