@@ -36,11 +36,10 @@ class StopStrings:
 
     def _partial_tail(self) -> int:
         """The length of the longest end of the text that begins some stop string."""
-        tail_start = max(self.sent, len(self.text) - self.longest + 1)
         best = 0
         for s in self.stops:
             # candidates begin where the stop string's first character occurs, leftmost first
-            i = self.text.find(s[0], max(tail_start, len(self.text) - len(s) + 1))
+            i = self.text.find(s[0], max(self.sent, len(self.text) - len(s) + 1))
             while i >= 0 and len(self.text) - i > best:
                 if s.startswith(self.text[i:]):
                     best = len(self.text) - i

@@ -498,7 +498,7 @@ def check_text(text: str, param: str) -> None:
 
 
 def run(app: FastAPI, sock, shutdown_timeout: float | None = 30.0) -> None:
-    """Serve on a bound socket until SIGINT/SIGTERM (see GracefulServer)."""
+    """Serve on a bound socket until SIGINT/SIGTERM (see graceful_server)."""
     graceful_server(app, shutdown_timeout).run(sockets=[sock])
 
 

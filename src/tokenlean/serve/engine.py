@@ -97,13 +97,13 @@ class JobSink(Sink):
         return "cancelled" if self.job.cancelled.is_set() else None
 
     def delta(self, text: str, logprobs: list | None = None) -> None:
-        now = time.perf_counter()
-        if self.metrics and text:
-            if self.last is None:
-                self.metrics.ttft.observe(now - self.job.arrival)
-            else:
-                self.metrics.itl.observe(now - self.last)
-        if text:
+        if text:  # latencies count text; logprobs alone (a held-back character) do not
+            now = time.perf_counter()
+            if self.metrics:
+                if self.last is None:
+                    self.metrics.ttft.observe(now - self.job.arrival)
+                else:
+                    self.metrics.itl.observe(now - self.last)
             self.last = now
         self.job.send("delta", (text, logprobs))
 
