@@ -371,3 +371,23 @@ def test_sampling_in_a_batch_is_distributed_as_plain_sampling(tiny8_batch, metho
     dist, bound = tv(exact, frequencies(counts, BATCH_RUNS)), tv_bound(exact, BATCH_RUNS)
     assert bound < 0.12
     assert dist < bound, f"TV {dist:.4f} >= bound {bound:.4f}"
+
+
+def test_a_penalized_sequence_beside_drafted_ones_with_sized_trees(tiny_lm):
+    """A penalized sequence has no drafter even on a speculative server; the tree sizer's
+    step plan must count it as one plain token (it read the missing drafter's size)."""
+    lm = fresh(tiny_lm)
+    drafter = lm.drafter("pld")
+    sizer = TreeSizer({1: 1.0, 64: 8.0}, drafter.max_nodes)
+    scheduler = Scheduler(lm.model, SchedulerConfig(), sizer)
+    penalized = SamplingParams(temperature=0, frequency_penalty=1.0)
+    works = [work(lm, "def f(x):", 8, drafter=drafter, method="pld"),
+             work(lm, "def add(a, b):", 8, sampling=penalized, drafter=drafter, method="pld")]
+    assert works[1].seq.drafter is None
+    for w in works:
+        scheduler.add(w)
+    while not scheduler.idle:
+        scheduler.step_once()
+    assert works[0].sink.result.token_ids == fresh(tiny_lm).generate("def f(x):", 8).token_ids
+    alone = fresh(tiny_lm).generate("def add(a, b):", 8, sampling=penalized)
+    assert works[1].sink.result.token_ids == alone.token_ids

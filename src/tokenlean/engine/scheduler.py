@@ -154,20 +154,20 @@ class Scheduler:
         self.waiting.append(work)
 
     def cancel_all(self, reason: str) -> None:
-        for work in [*self.running, *self.waiting]:
-            self._end(work)
-            work.sink.stopped(reason)
-        self.running.clear()
-        self.waiting.clear()
+        """Stop every running and waiting sequence; each sink hears `stopped(reason)`."""
+        self._end_all(lambda sink: sink.stopped(reason))
 
     def fail_all(self, error: Exception) -> None:
         """Fail every running and waiting sequence with `error` (after an internal error)."""
+        self._end_all(lambda sink: sink.failed(error))
+
+    def _end_all(self, tell) -> None:
         for work in [*self.running, *self.waiting]:
             try:
                 self._end(work)
-            except Exception:  # the state is already broken; the sink must still hear
+            except Exception:  # the state may be broken already; the sink must still hear
                 log.exception("could not release a sequence")
-            work.sink.failed(error)
+            tell(work.sink)
         self.running.clear()
         self.waiting.clear()
 
@@ -226,11 +226,11 @@ class Scheduler:
             explorer = self.sizer.explorer(len(decoding))
         used = 0
         for i, work in enumerate(decoding):
-            work.seq.max_nodes = self.sizer.max_nodes if i == explorer else nodes
-            drafter = work.seq.drafter
-            cap = work.seq.max_nodes
-            used += 1 + (min(cap, drafter.max_nodes) if cap is not None else
-                         drafter.max_nodes if drafter else 0)
+            work.seq.max_nodes = cap = self.sizer.max_nodes if i == explorer else nodes
+            drafter = work.seq.drafter  # None for a penalized sequence, even with a method
+            if drafter is not None:
+                used += drafter.max_nodes if cap is None else min(cap, drafter.max_nodes)
+            used += 1
         left = max(self.config.max_step_tokens - used, 0)
         batch, chunks = list(decoding), [None] * len(decoding)
         oldest = prefilling[0] if prefilling else None
