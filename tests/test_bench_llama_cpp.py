@@ -275,7 +275,7 @@ def test_bench_serve_without_metrics_reports_and_does_not_crash(tiny_model_dir, 
     pytest.importorskip("starlette")
     uvicorn = pytest.importorskip("uvicorn")
     pytest.importorskip("httpx")
-    from tokenlean.bench.serve import _free_port
+    from tokenlean.bench.serve_load import _free_port
     from tokenlean.cli import main
 
     port = _free_port()

@@ -64,7 +64,7 @@ def test_bench_serve_pld_spec_block(tiny_model_dir, tiny_lm, tmp_path):
 
 
 def test_bench_serve_bad_input(tiny_model_dir, tmp_path, capsys):
-    from tokenlean.bench.serve import _free_port
+    from tokenlean.bench.serve_load import _free_port
     from tokenlean.cli import main
 
     base = ["bench", "serve", "--model", str(tiny_model_dir), "--num-prompts", "1",
@@ -84,7 +84,7 @@ def test_bench_serve_bad_input(tiny_model_dir, tmp_path, capsys):
 
 
 def test_parse_spec_counters_and_block():
-    from tokenlean.bench.serve import parse_spec_counters, spec_block
+    from tokenlean.bench.serve_load import parse_spec_counters, spec_block
 
     text = ("# HELP x\n"
             "tokenlean:spec_decode_num_drafts_total 10.0\n"
@@ -175,7 +175,7 @@ def test_bench_serve_sweep_named_base_url_one_long_prompt_per_level(tiny_model_d
 
     import httpx
 
-    from tokenlean.bench.serve import Server
+    from tokenlean.bench.serve_load import Server
 
     server = Server(argparse.Namespace(device="cpu", dtype="fp32", method="greedy",
                                        model=str(tiny_model_dir), method_arg=[], threads=1), 8)
@@ -196,7 +196,7 @@ def test_bench_serve_sweep_named_base_url_one_long_prompt_per_level(tiny_model_d
 
 
 def test_parse_base_urls_concurrency_and_level_prompts():
-    from tokenlean.bench.serve import level_prompts, parse_base_urls, parse_concurrency
+    from tokenlean.bench.serve_load import level_prompts, parse_base_urls, parse_concurrency
     from tokenlean.errors import UserError
 
     assert parse_base_urls(["http://127.0.0.1:8000/v1", "llama.cpp=http://h:8080/",
