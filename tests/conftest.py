@@ -25,6 +25,21 @@ CHAT_TEMPLATE = (
 )
 TINY_CONTEXT = 128
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_state_dir(tmp_path_factory):
+    """What drafters learn and keep between processes (Token Recycling's matrices) goes to
+    a temporary directory, never to the user's ~/.cache/tokenlean/state."""
+    import os
+
+    old = os.environ.get("TOKENLEAN_STATE")
+    os.environ["TOKENLEAN_STATE"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if old is None:
+        os.environ.pop("TOKENLEAN_STATE", None)
+    else:
+        os.environ["TOKENLEAN_STATE"] = old
+
 TRAIN_TEXT = [
     "def f(x):\n    return x + 1\n",
     "def add(a, b):\n    return a + b\n",

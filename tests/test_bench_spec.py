@@ -182,3 +182,28 @@ def test_tasks_deterministic(model):
         assert all(0 < len(p.ids) <= CONTEXT - 8 for p in a.prompts), name
         if name in ("code", "random"):
             assert all(len(p.ids) == 16 for p in a.prompts), name
+
+
+def test_bench_spec_cold_runs_a_fresh_process_per_prompt_and_method(model, tmp_path, capsys):
+    """--cold: each (prompt, method) in its own `tokenlean generate` process, from what ships
+    (warm=base, so this machine's learned state neither feeds nor changes the figures)."""
+    from tokenlean.spec_decode import warm_start
+
+    capsys.readouterr()
+    code = main(["bench", "spec", "--model", str(model), "--device", "cpu", "--dtype", "fp32",
+                 "--tasks", "code", "--prompts", "1", "--prompt-tokens", "24",
+                 "--max-new-tokens", "6", "--threads", "1", "--methods", "greedy,recycling",
+                 "--peers", "none", "--cold", "--out", str(tmp_path)])
+    assert code == 0
+    (path,) = tmp_path.glob("spec-cold-*.json")
+    result = json.loads(path.read_text())
+    assert result["benchmark"] == "spec-cold" and "--cold" in result["command"]
+    row = result["results"]["code"]
+    assert set(row) == {"greedy", "recycling"}
+    assert row["recycling"]["exact"] and row["greedy"]["mat"] == 1.0
+    assert len(row["recycling"]["runs"]) == 1 and row["recycling"]["runs"][0]["tokens"] >= 1
+    assert result["systems"]["recycling"]["options"] == ["warm=base"]
+    saved = [p.name for p in warm_start.state_dir().glob("recycling/tiny-" + "?" * 16 + ".npy")
+             ]  # the learned file: name-<fingerprint>.npy (the base one ends in -base.npy)
+    assert not saved, f"a cold benchmark saved learned state: {saved}"
+    assert "| code |" in capsys.readouterr().out

@@ -28,7 +28,8 @@ METHODS = sorted(DRAFTERS)
 
 
 def fresh_lm(lm: LM) -> LM:
-    """The same weights and tokenizer with no drafters yet (Token Recycling's matrix is empty)."""
+    """The same weights and tokenizer with no drafters yet (a new process, as far as drafters
+    go: Token Recycling starts from the warm matrix, or empty with warm=cold)."""
     return LM(lm.name, lm.folder, lm.model, lm.tokenizer)
 
 
@@ -541,11 +542,13 @@ RECYCLE_PROMPT = "def add(a, b):\n    return a + b\n\nclass Point:\n    def __in
 
 
 def test_recycling_matrix_persists_across_requests(tiny_lm):
-    lm = fresh_lm(tiny_lm)
-    first = lm.generate(RECYCLE_PROMPT, 30, method="recycling", stop_token_ids=[])
-    matrix = lm.drafter("recycling").matrix
+    lm, cold = fresh_lm(tiny_lm), {"warm": "cold"}  # empty at the start
+    first = lm.generate(RECYCLE_PROMPT, 30, method="recycling", method_args=cold,
+                        stop_token_ids=[])
+    matrix = lm.drafter("recycling", cold).matrix
     assert (matrix >= 0).any(axis=1).sum() > 10  # rows filled from the first request
-    second = lm.generate(RECYCLE_PROMPT, 30, method="recycling", stop_token_ids=[])
+    second = lm.generate(RECYCLE_PROMPT, 30, method="recycling", method_args=cold,
+                         stop_token_ids=[])
     assert second.token_ids == first.token_ids
     # hot start: the second identical request drafts from the first one's matrix
     assert second.stats["drafted_tokens"] > first.stats["drafted_tokens"]
@@ -655,6 +658,21 @@ def test_forward_costs_are_non_decreasing_in_the_tree_size(tiny_lm):
     costs = forward_costs(tiny_lm.model, sizes=(1, 4, 8), cached=16, rounds=2)
     assert sorted(costs) == [1, 4, 8] and all(c > 0 for c in costs.values())
     assert costs[1] <= costs[4] <= costs[8]
+
+
+def test_forward_costs_are_measured_once_per_device_and_reused(tiny_lm, monkeypatch):
+    """The auto-sized tree must not change from one process to the next with timing noise:
+    the measured cost curve is kept in the state directory and read back."""
+    from tokenlean.spec_decode import budget
+
+    first = budget.forward_costs(tiny_lm.model, sizes=(1, 4, 12), cached=8, rounds=1)
+    budget._cost_cache.clear()  # a new process
+
+    def no_measure(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(budget, "measure_costs", no_measure)
+    assert budget.forward_costs(tiny_lm.model, sizes=(1, 4, 12), cached=8, rounds=1) == first
 
 
 def test_recycling_matrix_under_any_file_name_is_reloaded(tiny_lm, tmp_path):

@@ -365,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--peers", default=DEFAULT_PEERS,
                     help=f"peers (transformers; llama.cpp, skipped by default when not "
                          f"installed), comma-separated, or none (default {DEFAULT_PEERS})")
+    bs.add_argument("--cold", action="store_true",
+                    help="the case a user meets: a fresh `tokenlean generate` process per "
+                         "prompt and method, nothing warmed but what ships; tokenlean methods "
+                         "only, one pass (no repeats, no peers)")
     bs.add_argument("--prompt-lookup-num-tokens", type=_positive_int, default=10,
                     help="hf-pld's prompt_lookup_num_tokens and llama.cpp-pld's "
                          "num_pred_tokens (default 10)")

@@ -21,6 +21,7 @@ Figures per (task, system):
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import statistics
 import time
@@ -103,7 +104,12 @@ def parse_methods(texts: list[str]) -> list[tuple[str, list[str], str]]:
                 DRAFTERS[method].Params(**kwargs)  # range checks, before any model loads
             except (TypeError, ValueError) as e:
                 raise UserError(f"method {method!r}: {e}") from None
-        out.append((method, [o.strip() for o in options], ":".join([method, *options])))
+        spec = ":".join([method, *options])
+        options = [o.strip() for o in options]
+        if method in DRAFTERS and "warm" in {f.name for f in dataclasses.fields(DRAFTERS[method].Params)} \
+                and not any(o.startswith(("warm=", "matrix_path=")) for o in options):
+            options.append("warm=base")  # what ships, never the state this machine learned
+        out.append((method, options, spec))
     specs = [spec for _, _, spec in out]
     if len(set(specs)) != len(specs):
         raise UserError(f"--methods names a method twice: {', '.join(specs)}")
@@ -249,6 +255,9 @@ def run_spec_bench(args) -> dict:
     tasks = [build_task(name, lm.tokenizer, args.prompts, args.prompt_tokens, max_prompt,
                         chat=chat) for name in task_names]
 
+    if args.cold:
+        return _run_cold(args, lm, tasks, [s for s in systems if s.kind == "tokenlean"], started)
+
     llama = {}  # peer name -> LlamaCppPeer
     llama_systems = [s for s in systems if s.kind == "llama.cpp"]
     if llama_systems:
@@ -369,7 +378,9 @@ def run_spec_bench(args) -> dict:
                      "competed for the CPU, so the speeds are only indicative (MAT is not affected)")
     if any(s.method == "recycling" for s in systems):
         notes.append("recycling keeps its adjacency matrix across generations (hot start, as in "
-                     "the paper): warm-up, tasks and repeats run in order and all feed it")
+                     "the paper), starting from the model's base matrix (warm=base: shipped or "
+                     "built, not this machine's learned state); warm-up, tasks and repeats run "
+                     "in order and all feed it. `bench spec --cold` measures fresh processes")
     draft_folders = {str(s.draft_folder) for s in systems if s.draft_folder is not None}
     result = {
         **run_header("spec", _command(args, lm.name), started, machine, lm),
@@ -503,3 +514,31 @@ def _figures(tasks, systems: list[System], runs: dict, n_new: int) -> tuple[dict
         results[task.name] = task_results
         per_task[task.name] = prompts_out
     return results, per_task
+
+
+def _run_cold(args, lm, tasks, systems, started) -> dict:
+    """--cold: a fresh process per prompt and method (peers are not run)."""
+    from tokenlean.bench.spec_cold import cold_markdown, run_cold
+    from tokenlean.progress import progress_bar
+
+    prompts = {t.name: [lm.tokenizer.decode(p.ids, skip_special_tokens=False) for p in t.prompts]
+               for t in tasks}
+    with progress_bar() as progress:
+        bar = progress.add_task("cold processes", total=len(systems) * sum(map(len, prompts.values())))
+        results = run_cold(args.model, prompts, systems, args.max_new_tokens, args.threads,
+                           lambda: progress.advance(bar))
+    labels = [s.label for s in systems]
+    result = {"benchmark": "spec-cold", "started_utc": started.isoformat(),
+              "finished_utc": utc_now().isoformat(), "command": _command(args, lm.name) + " --cold",
+              "machine": machine_info(lm.model.device),
+              "model": lm.name, "max_new_tokens": args.max_new_tokens,
+              "systems": {s.label: s.to_json() for s in systems},
+              "note": "a fresh `tokenlean generate --json` process per prompt and method, "
+                      "nothing warmed but what ships (warm=base); tokens/s as the process "
+                      "reports it (prefill + decode, model load excluded); medians over "
+                      "prompts; stops at the model's end-of-text token like the CLI",
+              "results": results}
+    path = write_json(result, args.out, "spec-cold", started)
+    print(cold_markdown(results, labels))
+    print(f"wrote {path}")
+    return result

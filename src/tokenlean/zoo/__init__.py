@@ -16,6 +16,12 @@ def tokenlean_home() -> Path:
     return Path(os.environ.get("TOKENLEAN_HOME", Path.home() / ".cache" / "tokenlean"))
 
 
+def state_dir() -> Path:
+    """What drafters learn and keep between processes (Token Recycling's matrices):
+    $TOKENLEAN_STATE, else <tokenlean_home()>/state."""
+    return Path(os.environ.get("TOKENLEAN_STATE", tokenlean_home() / "state"))
+
+
 def models_dir() -> Path:
     """Installed real models (`tokenlean models fetch NAME`), one Hugging Face folder each."""
     return tokenlean_home() / "models"

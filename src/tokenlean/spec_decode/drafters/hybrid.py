@@ -36,6 +36,7 @@ class HybridParams:
     max_depth: int = 6  # of the recycling tree
     k: int = 8
     matrix_path: str = ""
+    warm: str = "auto"  # the recycling matrix's start: auto, base or cold (see recycling)
 
     def __post_init__(self):
         if self.lookup_tokens < 0:
@@ -45,7 +46,7 @@ class HybridParams:
         self.recycling()  # its own checks (num_nodes, max_depth, k), as bad options
 
     def recycling(self) -> RecyclingParams:
-        return RecyclingParams(self.num_nodes, self.max_depth, self.k, self.matrix_path)
+        return RecyclingParams(self.num_nodes, self.max_depth, self.k, self.matrix_path, self.warm)
 
     def lookup(self) -> PLDParams:  # one continuation: the chain
         return PLDParams(self.max_ngram, self.min_ngram, max(1, self.lookup_tokens), max_matches=1)

@@ -9,7 +9,9 @@ level: node (i) is the root's i-th candidate, node (i, j) that token's j-th
 candidate, and so on. After every verification forward, the row of every
 token in the tree (accepted or not) is overwritten with the top-k of the
 target's logits at its position. The matrix is never reset between requests
-("hot start") and may be saved and loaded.
+("hot start"), and it starts warm (spec_decode/warm_start.py): from a matrix shipped
+beside a zoo model or built once for any other, then from what the model learned in
+earlier processes, saved whenever a request ends (finished or cancelled).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tokenlean.spec_decode.tree import DraftTree
 
 # Prior weight of the r-th candidate, roughly how often rank r is the accepted one.
 RANK_WEIGHTS = (0.55, 0.17, 0.08, 0.05, 0.04, 0.03, 0.025, 0.02)
+WARM_MODES = ("auto", "base", "cold")
 
 
 @dataclass
@@ -34,9 +37,13 @@ class RecyclingParams:
     num_nodes: int = 0  # tree size; 0 = sized for this device; the paper's template has 80
     max_depth: int = 6
     k: int = 8  # candidates kept per token
-    matrix_path: str = ""  # load the matrix from / save it to this .npy file
+    matrix_path: str = ""  # load the matrix from / save it to this file (overrides `warm`)
+    warm: str = "auto"  # auto: base + what earlier runs learned, saved; base: the shipped or
+    # built matrix, never saved (reproducible timings); cold: empty
 
     def __post_init__(self):
+        if self.warm not in WARM_MODES:
+            raise ValueError(f"warm must be one of {', '.join(WARM_MODES)}, got {self.warm!r}")
         if not 1 <= self.k <= len(RANK_WEIGHTS):
             raise ValueError(f"k must be in [1, {len(RANK_WEIGHTS)}]")
         if self.num_nodes < 0 or self.max_depth < 1:
@@ -96,10 +103,22 @@ class TokenRecycling(Drafter):
         nodes = params.num_nodes or device_sized_nodes(lm.model, params.max_depth, params.k,
                                                        extra_nodes, extra_tokens)
         self.template = tree_template(nodes, params.max_depth, params.k)
-        vocab = lm.model.config.vocab_size
-        self.matrix = np.full((vocab, params.k), -1, dtype=np.int32)  # -1: nothing seen yet
-        if params.matrix_path and Path(params.matrix_path).is_file():
-            self.load(params.matrix_path)
+        self.matrix = np.full((lm.model.config.vocab_size, params.k), -1, dtype=np.int32)
+        self.save_to = self._start_warm(lm, params)  # where end() saves what was learned
+
+    def _start_warm(self, lm, params: RecyclingParams) -> Path | None:
+        """Fill the matrix as `matrix_path` and `warm` say; return where to save it."""
+        from tokenlean.spec_decode import warm_start
+
+        saved = Path(params.matrix_path) if params.matrix_path else \
+            warm_start.learned_path(lm) if params.warm == "auto" else None
+        if saved is not None and saved.is_file():
+            self.load(saved)
+        elif params.warm != "cold":
+            base = warm_start.base_matrix(lm, params.k)
+            if base is not None:
+                self.matrix = base
+        return saved
 
     @property
     def max_nodes(self) -> int:
@@ -138,14 +157,15 @@ class TokenRecycling(Drafter):
         return {"tree_nodes": len(self.template)}
 
     def end(self) -> None:
-        if self.params.matrix_path:
-            self.save(self.params.matrix_path)
+        if self.save_to is not None:
+            self.save(self.save_to)
 
     def save(self, path: str | Path) -> None:
-        # through a file object: np.save(path) appends ".npy" to any other name, and the
-        # next run would look for the file it was given and start cold
-        with open(path, "wb") as f:
-            np.save(f, self.matrix)
+        # through a file object (np.save(path) would append ".npy" to any other name and
+        # the next run would start cold), written whole and renamed (no half matrices)
+        from tokenlean.spec_decode.warm_start import save_atomic
+
+        save_atomic(Path(path), self.matrix)
 
     def load(self, path: str | Path) -> None:
         try:
