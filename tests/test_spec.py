@@ -284,12 +284,12 @@ def code_lm():
     return tokenlean.load(device="cpu")
 
 
-CODE_PROMPTS, CODE_PROMPT_TOKENS, CODE_NEW_TOKENS = 50, 64, 32
+CODE_PROMPTS, CODE_PROMPT_TOKENS, CODE_NEW_TOKENS = 24, 64, 32
 
 
 @pytest.fixture(scope="module")
 def code_reference(code_lm):
-    """Plain greedy continuations of 50 held-out code windows.
+    """Plain greedy continuations of 24 held-out code windows.
 
     Decoded as one batch (the prompts have equal length): the same argmax loop as
     `method="greedy"`, several times cheaper on a CPU. Three prompts are checked against

@@ -7,13 +7,15 @@ import dataclasses
 from tokenlean.errors import UserError
 from tokenlean.options import parse_options
 from tokenlean.spec_decode.drafter import Drafter
+from tokenlean.spec_decode.drafters.aded import ADED
 from tokenlean.spec_decode.drafters.draft_model import DraftModel
 from tokenlean.spec_decode.drafters.hybrid import LookupRecycling
 from tokenlean.spec_decode.drafters.pld import PromptLookup
 from tokenlean.spec_decode.drafters.recycling import TokenRecycling
+from tokenlean.spec_decode.drafters.suffix import SuffixDecoding
 
 BASELINE = "greedy"  # plain decoding: one target forward per token (samples when temperature > 0)
-DRAFTERS: dict[str, type[Drafter]] = {cls.name: cls for cls in (PromptLookup, TokenRecycling, LookupRecycling, DraftModel)}
+DRAFTERS: dict[str, type[Drafter]] = {cls.name: cls for cls in (PromptLookup, TokenRecycling, LookupRecycling, DraftModel, ADED, SuffixDecoding)}
 
 
 def method_names() -> list[str]:
