@@ -126,3 +126,14 @@ def test_lossless_on_tl_code_and_learning_carries_over(code_lm):
 def test_bad_options_are_user_errors(code_lm, option):
     with pytest.raises(UserError, match="aded"):
         make_drafter("aded", code_lm, [option])
+
+
+def test_tables_stay_bounded(monkeypatch):
+    from tokenlean.spec_decode.drafters import aded
+
+    monkeypatch.setattr(aded, "MAX_CONTEXTS", 5)
+    tables = aded.Tables(aded.ADEDParams())
+    for i in range(20):
+        tables.add(i, i + 1, [i + 2], [1.0])
+    assert len(tables.tri) == 5 and len(tables.bi) == 5
+    assert (19, 20) in tables.tri and (0, 1) not in tables.tri  # the oldest went first

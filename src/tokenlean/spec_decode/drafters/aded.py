@@ -26,6 +26,8 @@ import torch
 from tokenlean.spec_decode.drafter import Drafter
 from tokenlean.spec_decode.tree import DraftTree
 
+MAX_CONTEXTS = 200_000  # per table: a few tens of MB at most
+
 
 @dataclass
 class ADEDParams:
@@ -81,6 +83,8 @@ class Tables:
             ctx = table.get(key)
             if ctx is None:
                 ctx = table[key] = Context()
+                if len(table) > MAX_CONTEXTS:  # bounded memory in a long-lived server:
+                    del table[next(iter(table))]  # forget the context created first
             elif decay < 1.0:
                 ctx.mass *= decay
                 for entry in ctx.next.values():
