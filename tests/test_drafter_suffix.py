@@ -90,3 +90,10 @@ def test_a_cancelled_generation_still_fills_the_store(code_lm):
     steps.close()  # as the server does when a client goes away
     store = lm.drafter("suffix").store
     assert store.tokens > len(lm.encode(PROMPT)) and len(store.docs) == 1
+
+
+def test_a_finished_request_joins_the_store_whole(code_lm):
+    lm = fresh(code_lm)
+    result = lm.generate(PROMPT, 12, method="suffix", stop_token_ids=[])
+    (doc,) = lm.drafter("suffix").store.docs
+    assert list(doc)[-len(result.token_ids):] == result.token_ids  # the last tokens too

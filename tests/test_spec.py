@@ -606,7 +606,7 @@ def test_hybrid_drafts_the_lookup_continuation(tiny_lm):
     paths = [[tree.tokens[n] for n in path] for path in tree.paths()]
     assert any(path[: len(expected)] == expected for path in paths), (expected, paths)
     # no lookup: the recycling tree alone (empty, as its matrix has seen nothing yet)
-    alone = make_drafter("hybrid", lm, {"num_nodes": 4, "lookup_tokens": 0})
+    alone = make_drafter("hybrid", lm, {"num_nodes": 4, "lookup_tokens": 0, "warm": "cold"})
     alone.start(history)
     assert len(alone.propose(history, max_depth=8)) == 0
 

@@ -305,8 +305,7 @@ class Sequence:
             if len(self.out) >= self.budget:
                 self.finish_reason = "length"
                 break
-        if not self.finished:
-            self.history.extend(kept)
+        self.history.extend(kept)  # complete at the end too: suffix's store keeps it
         return kept
 
     def stop_early(self, unused: int) -> None:
