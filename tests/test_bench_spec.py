@@ -129,8 +129,14 @@ def test_bench_spec_without_transformers(model, tmp_path, monkeypatch, capsys):
 def test_parse_methods_options():
     parsed = parse_methods(["greedy,recycling:num_nodes=16,max_depth=4,pld:max_ngram=2:min_ngram=2"])
     assert parsed == [("greedy", [], "greedy"),
-                      ("recycling", ["num_nodes=16", "max_depth=4"], "recycling:num_nodes=16:max_depth=4"),
+                      ("recycling", ["num_nodes=16", "max_depth=4", "warm=base"],
+                       "recycling:num_nodes=16:max_depth=4"),
                       ("pld", ["max_ngram=2", "min_ngram=2"], "pld:max_ngram=2:min_ngram=2")]
+    # warm=base is added only where the method has it and the user set neither it nor a file
+    (parsed,) = parse_methods(["hybrid:warm=cold"])
+    assert parsed[1] == ["warm=cold"]
+    (parsed,) = parse_methods(["recycling:matrix_path=m.npy"])
+    assert parsed[1] == ["matrix_path=m.npy"]
 
 
 def test_missing_default_draft_is_skipped_with_a_note(monkeypatch):
