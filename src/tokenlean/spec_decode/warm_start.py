@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,18 @@ BUILD_TOKENS = 16_384  # first-use build for models without a shipped matrix (~2
 WINDOW = 512
 
 
+_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def fingerprint(model) -> str:
-    """A short id of the weights: the config and a sample of the embedding and head."""
+    """A short id of the weights: the config and a sample of the embedding and head
+    (computed once per model: the state files of recycling and the cost curve use it)."""
+    if model not in _fingerprints:
+        _fingerprints[model] = _fingerprint(model)
+    return _fingerprints[model]
+
+
+def _fingerprint(model) -> str:
     h = hashlib.sha1(json.dumps(vars(model.config), sort_keys=True, default=str).encode())
     weights = [(n, t) for n, t in model.state_dict().items() if not t.is_meta]
     for name, tensor in weights[:1] + weights[-1:]:
