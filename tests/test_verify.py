@@ -323,20 +323,21 @@ def exact_first3(model, prompt: list[int], params: SamplingParams) -> dict:
 
 E2E_METHODS = ["greedy", *sorted(DRAFTERS)]  # "greedy" with temperature > 0: plain sampling
 T1, SHAPED = SamplingParams(1.0), SamplingParams(0.8, 4, 0.9)
-# Every method at temperature 1; shaped sampling (temperature, top-k, top-p) for plain
-# sampling, one deterministic drafter (the one-hot rule is the same for all of them) and
-# every drafter that samples from a draft distribution of its own.
-E2E_CASES = [pytest.param(m, T1, id=f"{m}-t1") for m in E2E_METHODS] + [
-    pytest.param(m, SHAPED, id=f"{m}-t0.8-k4-p0.9") for m in E2E_METHODS
-    if m in ("greedy", "pld") or (m in DRAFTERS and DRAFTERS[m].needs_draft_model)]
+# Every method at temperature 1. Shaped sampling (temperature, top-k, top-p) for plain
+# sampling, one deterministic drafter (the one-hot rule is the same for all of them), the
+# draft model's chain, and RSD-S: siblings drawn without replacement in a number that varies
+# with the beam (RSD-C and DySpec's fixed-order siblings are the same rule at t1).
+E2E_CASES = [pytest.param(m, T1, None, id=f"{m}-t1") for m in E2E_METHODS] + [
+    pytest.param(m, SHAPED, None, id=f"{m}-t0.8-k4-p0.9") for m in ("greedy", "pld", "draft")
+] + [pytest.param("rsd", SHAPED, {"mode": "s", "beam": 3, "depth": 2}, id="rsd-s-t0.8-k4-p0.9")]
 
 
-@pytest.mark.parametrize(("method", "params"), E2E_CASES)
-def test_sampling_through_the_decode_loop_is_lossless(tiny8, method, params):
+@pytest.mark.parametrize(("method", "params", "options"), E2E_CASES)
+def test_sampling_through_the_decode_loop_is_lossless(tiny8, method, params, options):
     base, prompt, draft = tiny8
     lm = LM(base.name, base.folder, base.model, base.tokenizer)  # fresh drafters
-    args = {"model": str(draft)} if method != "greedy" and DRAFTERS[method].needs_draft_model \
-        else None
+    args = {"model": str(draft), **(options or {})} \
+        if method != "greedy" and DRAFTERS[method].needs_draft_model else options
     exact = exact_first3(lm.model, prompt, params)
     counts, drafted, accepted = Counter(), 0, 0
     for seed in range(E2E_RUNS):

@@ -9,13 +9,16 @@ from tokenlean.options import parse_options
 from tokenlean.spec_decode.drafter import Drafter
 from tokenlean.spec_decode.drafters.aded import ADED
 from tokenlean.spec_decode.drafters.draft_model import DraftModel
+from tokenlean.spec_decode.drafters.dyspec import DySpec
 from tokenlean.spec_decode.drafters.hybrid import LookupRecycling
 from tokenlean.spec_decode.drafters.pld import PromptLookup
 from tokenlean.spec_decode.drafters.recycling import TokenRecycling
+from tokenlean.spec_decode.drafters.rsd import RSD
 from tokenlean.spec_decode.drafters.suffix import SuffixDecoding
 
 BASELINE = "greedy"  # plain decoding: one target forward per token (samples when temperature > 0)
-DRAFTERS: dict[str, type[Drafter]] = {cls.name: cls for cls in (PromptLookup, TokenRecycling, LookupRecycling, DraftModel, ADED, SuffixDecoding)}
+DRAFTERS: dict[str, type[Drafter]] = {cls.name: cls for cls in (
+    PromptLookup, TokenRecycling, LookupRecycling, DraftModel, ADED, SuffixDecoding, RSD, DySpec)}
 
 
 def method_names() -> list[str]:

@@ -1,0 +1,69 @@
+"""A draft model run beside the target: its own KV cache kept in step with the output, and
+its logits over a draft tree grown level by level (what tree drafters built on a small
+model share: rsd, dyspec)."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenlean.errors import UserError
+from tokenlean.spec_decode.tree import DraftTree
+
+
+def load_draft(lm, name: str):
+    """The draft model `name` on the target's device and dtype; it must share the vocabulary."""
+    from tokenlean.lm import load
+
+    draft = load(name, device=str(lm.model.device), dtype=lm.model.dtype).model
+    if draft.config.vocab_size != lm.model.config.vocab_size:
+        raise UserError(f"draft model {name!r} has vocabulary {draft.config.vocab_size}, the "
+                        f"target {lm.model.config.vocab_size}: they must share a tokenizer")
+    return draft
+
+
+class DraftRunner:
+    """One sequence's draft cache. `catch_up(history)` brings it to the history and returns
+    the draft's logits after it; `extend(tree)` feeds the tree's nodes not fed yet (the
+    earlier ones were fed by the previous calls since the catch-up), each attending to the
+    history and its own ancestors only, and returns their logits."""
+
+    def __init__(self, model, tree_nodes: int):
+        self.model = model
+        # slots: the longest history, then a whole tree of tree_nodes
+        self.cache = model.new_cache(model.config.max_position_embeddings + tree_nodes)
+        self.cached: list[int] = []  # tokens whose keys/values are in the cache
+        self.fed = 0  # tree nodes in the cache after the history
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    @torch.inference_mode()
+    def catch_up(self, history: list[int]) -> torch.Tensor:
+        common = 0
+        for a, b in zip(self.cached, history[:-1]):  # the last token is fed again: its logits
+            if a != b:
+                break
+            common += 1
+        self.cache.truncate(common)
+        fresh = torch.tensor([history[common:]], device=self.model.device)
+        self.cached, self.fed = list(history), 0
+        return self.model(fresh, cache=self.cache, last_n=1)[0, -1]
+
+    @torch.inference_mode()
+    def extend(self, tree: DraftTree) -> torch.Tensor:
+        """(N - fed, V) draft logits at the tree's nodes fed..N-1 (`fed` before the call)."""
+        first = self.fed
+        n, new = len(self.cached), len(tree) - first
+        ancestors = tree.ancestor_mask(self.model.device)[first + 1 :, 1:]  # (new, N)
+        mask = torch.cat((ancestors.new_ones(new, n), ancestors), dim=1)  # history + nodes
+        positions = torch.tensor([n - 1 + d for d in tree.depths[first:]], device=self.model.device)
+        tokens = torch.tensor([tree.tokens[first:]], device=self.model.device)
+        logits = self.model(tokens, positions=positions, cache=self.cache, mask=mask)[0]
+        self.fed = len(tree)
+        return logits
+
+    def rewind(self) -> None:
+        """Drop the tree's nodes from the cache (the history stays)."""
+        self.cache.truncate(len(self.cached))
+        self.fed = 0
