@@ -4,9 +4,9 @@ Leviathan, Kalman, Matias, "Fast Inference from Transformers via Speculative
 Decoding", arXiv 2211.17192; Chen et al., "Accelerating Large Language Model
 Decoding with Speculative Sampling", arXiv 2302.01318.
 
-The draft model keeps its own KV cache in step with the output: each call
-truncates it to the longest prefix it shares with the history and feeds the
-rest, then samples k tokens one by one from q (shaped by the same temperature /
+The draft model keeps its own KV cache in step with the output (spec_decode/
+draft_runner.py): each call truncates it to the longest prefix it shares with the
+history and feeds the rest, then samples k tokens one by one from q (shaped by the same temperature /
 top-k / top-p as the target's p, and attached to the tree so the verifier uses
 the q really sampled from). k adapts to acceptance: +2 after a fully accepted
 chain, -1 otherwise (the heuristic transformers' assisted generation uses).
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenlean.errors import UserError
 from tokenlean.sampling import SamplingParams, probabilities, sample
+from tokenlean.spec_decode.draft_runner import DraftRunner, load_draft
 from tokenlean.spec_decode.drafter import Drafter
 from tokenlean.spec_decode.tree import DraftTree
 from tokenlean.zoo import DEFAULT_DRAFT
@@ -45,14 +45,8 @@ class DraftModel(Drafter):
     needs_draft_model = True
 
     def __init__(self, lm, params: DraftModelParams):
-        from tokenlean.lm import load
-
         super().__init__(lm, params)
-        self.draft = load(params.model, device=str(lm.model.device), dtype=lm.model.dtype).model
-        if self.draft.config.vocab_size != lm.model.config.vocab_size:
-            raise UserError(f"draft model {params.model!r} has vocabulary "
-                            f"{self.draft.config.vocab_size}, the target "
-                            f"{lm.model.config.vocab_size}: they must share a tokenizer")
+        self.draft = load_draft(lm, params.model)
         self.k = params.num_draft_tokens
         self.sampling = SamplingParams()
 
@@ -66,26 +60,13 @@ class DraftModel(Drafter):
         seed = None if self.sampling.seed is None else self.sampling.seed + 1
         self.generator = SamplingParams(seed=seed).generator(self.draft.device)
         # a cache of its own: sessions share the draft's weights, never its cache
-        self.cache = self.draft.new_cache(self.draft.config.max_position_embeddings)
-        self.cached: list[int] = []  # tokens whose keys/values are in the draft cache
-
-    def _catch_up(self, history: list[int]) -> torch.Tensor:
-        """Bring the draft cache to `history`; return the draft's logits after it."""
-        common = 0
-        for a, b in zip(self.cached, history[:-1]):
-            if a != b:
-                break
-            common += 1
-        self.cache.truncate(common)
-        fresh = torch.tensor([history[common:]], device=self.draft.device)
-        self.cached = list(history)
-        return self.draft(fresh, cache=self.cache, last_n=1)[0, -1]
+        self.runner = DraftRunner(self.draft, self.max_nodes)
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:
-        k = min(self.k, max_depth, self.draft.config.max_position_embeddings - len(history))
+        k = min(self.k, max_depth, self.runner.context - len(history))
         if k < 1:
             return DraftTree()
-        logits = self._catch_up(history)
+        logits = self.runner.catch_up(history)
         tokens, qs = [], []
         for i in range(k):
             if self.sampling.greedy:  # the verifier compares tokens only: no q needed
@@ -96,9 +77,8 @@ class DraftModel(Drafter):
                 qs.append(q)
             tokens.append(token)
             if i + 1 < k:
-                logits = self.draft(torch.tensor([[token]], device=self.draft.device),
-                                    cache=self.cache)[0, -1]
-                self.cached.append(token)
+                logits = self.runner.extend(DraftTree.chain(tokens))[-1]
+        self.runner.rewind()
         return DraftTree.chain(tokens, torch.stack(qs) if qs else None)
 
     def observe(self, tree: DraftTree, logits: torch.Tensor, accepted) -> None:
