@@ -254,6 +254,65 @@ def test_wrong_q_is_caught():
     assert dist > 2 * bound, f"TV {dist:.4f} vs bound {bound:.4f}"
 
 
+def kseq_tree(q: dict, cdf: dict, k: int, depth: int, rng: random.Random) -> DraftTree:
+    """k i.i.d. sequences of `depth` tokens from the q tables, laid out level by level as
+    SpecTr's drafter does (sequence i's level-l node is l * k + i)."""
+    tokens, parents, rows, prefixes = [], [], [], [()] * k
+    for level in range(depth):
+        for i in range(k):
+            x = draw(cdf[prefixes[i]], rng)
+            parents.append(-1 if level == 0 else len(tokens) - k)
+            tokens.append(x)
+            rows.append(q[prefixes[i]])
+            prefixes[i] += (x,)
+    return DraftTree(tokens, parents, torch.stack(rows).float(), kseq=True)
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_kseq_rule_is_lossless(params):
+    """SpecTr's K-SEQ over 3 i.i.d. sequences (duplicate paths included) two deep (k = 1 is
+    plain speculative sampling, the chain cases above)."""
+    k, V, depth, N = 3, 4, 2, 12000
+    logits, p = table(V, depth + 1, seed=5, params=params)
+    q, cdf = draft_tables(V, depth, seed=105, params=params)
+    rng, g = random.Random(5), torch.Generator().manual_seed(5)
+    counts, depths = Counter(), Counter()
+    for _ in range(N):
+        tree = kseq_tree(q, cdf, k, depth, rng)
+        acc = verify_sampling(tree, tree_logits(tree, logits), params, g)
+        check_accepted(tree, acc)
+        counts[tuple(acc.tokens)] += 1
+        depths[len(acc.nodes)] += 1
+    assert all(depths[d] > N // 100 for d in range(depth + 1)), depths  # not vacuous
+    exact = extend({(): 1.0}, p, depth + 1)
+    dist, bound = tv(exact, extend(frequencies(counts, N), p, depth + 1)), tv_bound(exact, N)
+    print(f"k-seq {params}: K={len(exact)} TV {dist:.4f} bound {bound:.4f} {depths}")
+    assert bound < 0.05
+    assert dist < bound, f"TV {dist:.4f} >= bound {bound:.4f}"
+
+
+def test_kseq_rho_keeps_the_residual_a_distribution_and_more_draws_accept_more():
+    from tokenlean.spec_decode.verify import kseq_rho
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        p = torch.softmax(torch.randn(6, generator=g, dtype=torch.float64) * 2, -1)
+        q = torch.softmax(torch.randn(6, generator=g, dtype=torch.float64) * 2, -1)
+        accept = []
+        for k in (1, 2, 4, 8):
+            rho, beta = kseq_rho(p, q, k)
+            assert 1.0 <= rho <= k
+            taken = torch.minimum(q, p / rho) * (1 - (1 - beta) ** k) / beta
+            assert (p - taken >= -1e-9).all(), (trial, k)  # the residual is non-negative
+            if rho > 1.0 + 1e-6:  # the smallest such rho: a little less breaks it
+                lower = rho - 1e-3
+                b = float(torch.minimum(q, p / lower).sum())
+                assert (1 - (1 - b) ** k) / b > lower
+            accept.append(1 - (1 - beta) ** k)  # P(some draw accepted)
+        assert rho == 1.0 or accept[0] <= accept[1] + 1e-12 <= accept[-1] + 2e-12
+        assert accept[0] == pytest.approx(float(torch.minimum(p, q).sum()))  # k=1: plain SD
+
+
 # --- end to end: LM.generate with drafters vs the enumerated model distribution ------------
 
 V8 = 8
@@ -325,10 +384,11 @@ E2E_METHODS = ["greedy", *sorted(DRAFTERS)]  # "greedy" with temperature > 0: pl
 T1, SHAPED = SamplingParams(1.0), SamplingParams(0.8, 4, 0.9)
 # Every method at temperature 1. Shaped sampling (temperature, top-k, top-p) for plain
 # sampling, one deterministic drafter (the one-hot rule is the same for all of them), the
-# draft model's chain, and RSD-S: siblings drawn without replacement in a number that varies
+# draft model's chain, SpecTr's K-SEQ, and RSD-S: siblings drawn without replacement in a number that varies
 # with the beam (RSD-C and DySpec's fixed-order siblings are the same rule at t1).
 E2E_CASES = [pytest.param(m, T1, None, id=f"{m}-t1") for m in E2E_METHODS] + [
-    pytest.param(m, SHAPED, None, id=f"{m}-t0.8-k4-p0.9") for m in ("greedy", "pld", "draft")
+    pytest.param(m, SHAPED, None, id=f"{m}-t0.8-k4-p0.9")
+    for m in ("greedy", "pld", "draft", "spectr")
 ] + [pytest.param("rsd", SHAPED, {"mode": "s", "beam": 3, "depth": 2}, id="rsd-s-t0.8-k4-p0.9")]
 
 

@@ -14,11 +14,13 @@ from tokenlean.spec_decode.drafters.hybrid import LookupRecycling
 from tokenlean.spec_decode.drafters.pld import PromptLookup
 from tokenlean.spec_decode.drafters.recycling import TokenRecycling
 from tokenlean.spec_decode.drafters.rsd import RSD
+from tokenlean.spec_decode.drafters.spectr import SpecTr
 from tokenlean.spec_decode.drafters.suffix import SuffixDecoding
 
 BASELINE = "greedy"  # plain decoding: one target forward per token (samples when temperature > 0)
 DRAFTERS: dict[str, type[Drafter]] = {cls.name: cls for cls in (
-    PromptLookup, TokenRecycling, LookupRecycling, DraftModel, ADED, SuffixDecoding, RSD, DySpec)}
+    PromptLookup, TokenRecycling, LookupRecycling, DraftModel, ADED, SuffixDecoding, RSD, DySpec,
+    SpecTr)}
 
 
 def method_names() -> list[str]:

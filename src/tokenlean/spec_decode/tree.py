@@ -21,6 +21,9 @@ class DraftTree:
     # (N, V): the draft distribution node i was sampled from (siblings share a row);
     # None for deterministic drafters, whose nodes the verifier treats as one-hot.
     q: torch.Tensor | None = None
+    # True: the root's subtrees are i.i.d. draft sequences (duplicates kept apart), verified
+    # by SpecTr's K-SEQ over every sequence that still matches (spec_decode/verify.py)
+    kseq: bool = False
 
     def __post_init__(self):
         if len(self.tokens) != len(self.parents):
@@ -38,7 +41,8 @@ class DraftTree:
         a batch step can afford to verify."""
         if n >= len(self):
             return self
-        return DraftTree(self.tokens[:n], self.parents[:n], None if self.q is None else self.q[:n])
+        return DraftTree(self.tokens[:n], self.parents[:n], None if self.q is None else self.q[:n],
+                         self.kseq)
 
     def __len__(self) -> int:
         return len(self.tokens)

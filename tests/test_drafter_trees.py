@@ -1,5 +1,5 @@
-"""RSD and DySpec: the draft runner's tree logits, the trees each builds (recomputed here
-without a cache), sampling without replacement, and their options. Exactness and the
+"""RSD, DySpec and SpecTr: the draft runner's tree logits, the trees each builds (recomputed
+here without a cache), sampling without replacement, K-SEQ's sequences, and their options. Exactness and the
 sampling distribution run in the registry loops (test_spec.py, test_verify.py, test_engine.py)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from tokenlean.spec_decode.drafters import dyspec as dyspec_module
 from tokenlean.spec_decode.drafters.rsd import truncated_gumbel, without_replacement
 from tokenlean.spec_decode.registry import make_drafter
 from tokenlean.spec_decode.tree import DraftTree
+from tokenlean.spec_decode.verify import verify_greedy
 
 HISTORY = [5, 9, 13, 21, 8, 30]
 
@@ -213,3 +214,29 @@ def test_max_nodes_bounds_every_tree(lm, tiny_model_dir):
     s = drafter(lm, tiny_model_dir, "rsd", mode="s", beam=2, depth=5)
     assert s.max_nodes == 10 and len(s.propose(HISTORY, 8)) <= 10
     assert math.isfinite(float(truncated_gumbel(torch.zeros(3, dtype=torch.float64), 0.0)[0]))
+
+
+def test_spectr_tree_is_k_sequences_level_by_level(lm, tiny_model_dir):
+    d = drafter(lm, tiny_model_dir, "spectr", SamplingParams(1.0, seed=2), num_seqs=3, length=3)
+    tree = d.propose(HISTORY, 8)
+    assert tree.kseq and len(tree) == 9 and tree.q is not None
+    assert tree.parents == [-1, -1, -1, 0, 1, 2, 3, 4, 5]
+    for node in range(len(tree)):  # each draw's q is the draft's after its own path
+        context = HISTORY + path(tree, node)[:-1]
+        q = torch.softmax(plain_logits(lm.model, context), -1)
+        assert torch.allclose(tree.q[node], q, atol=1e-4), node
+    cut = tree.first(4)  # a cut keeps whole levels' positions, never looks at the tokens
+    assert cut.kseq and cut.parents == [-1, -1, -1, 0]
+
+
+def test_greedy_follows_every_duplicate_path():
+    """Two sequences start with the same token; only the second goes on as the target
+    does. Greedy verification must find it (it used to stop after the first)."""
+    tree = DraftTree([7, 7, 3, 4, 9], [-1, -1, 0, 1, 3], kseq=True)
+    logits = torch.full((6, 16), -5.0)
+    logits[0, 7] = 0  # root: 7
+    logits[1, 4] = logits[2, 4] = 0  # after 7 (nodes 0 and 1, the same path): 4, not 3
+    logits[4, 9] = 0  # after node 3 (7, 4): 9
+    logits[5, 2] = 0  # after node 4: bonus 2
+    acc = verify_greedy(tree, logits)
+    assert acc.tokens == [7, 4, 9, 2] and acc.nodes == [1, 3, 4]
