@@ -9,6 +9,7 @@ Llama weights from transformers' `LlamaForCausalLM` with a fixed seed.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -110,6 +111,20 @@ def tiny_lm(tiny_model_dir):
     from tokenlean.lm import load
 
     return load(str(tiny_model_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_draft_dir(tiny_model_dir, tmp_path_factory):
+    """A second random tiny Llama with the target's tokenizer: a draft model that is often wrong."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny-draft")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    config = transformers.AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 1
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(autouse=True, scope="session")

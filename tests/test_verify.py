@@ -386,7 +386,9 @@ T1, SHAPED = SamplingParams(1.0), SamplingParams(0.8, 4, 0.9)
 # sampling, one deterministic drafter (the one-hot rule is the same for all of them), the
 # draft model's chain, SpecTr's K-SEQ, and RSD-S: siblings drawn without replacement in a number that varies
 # with the beam (RSD-C and DySpec's fixed-order siblings are the same rule at t1).
-E2E_CASES = [pytest.param(m, T1, None, id=f"{m}-t1") for m in E2E_METHODS] + [
+# online: the draft still learns between requests, in fewer, smaller steps
+E2E_OPTIONS = {"online": {"steps": 1, "batch": 4, "update_every": 8}}
+E2E_CASES = [pytest.param(m, T1, E2E_OPTIONS.get(m), id=f"{m}-t1") for m in E2E_METHODS] + [
     pytest.param(m, SHAPED, None, id=f"{m}-t0.8-k4-p0.9")
     for m in ("greedy", "pld", "draft", "spectr")
 ] + [pytest.param("rsd", SHAPED, {"mode": "s", "beam": 3, "depth": 2}, id="rsd-s-t0.8-k4-p0.9")]

@@ -10,11 +10,15 @@ from tokenlean.errors import UserError
 from tokenlean.spec_decode.tree import DraftTree
 
 
-def load_draft(lm, name: str):
-    """The draft model `name` on the target's device and dtype; it must share the vocabulary."""
-    from tokenlean.lm import load
+def load_draft(lm, name: str, trainable: bool = False):
+    """The draft model `name` on the target's device and dtype; it must share the vocabulary.
+    `trainable`: plain weights that autograd can update (not prepacked for oneDNN on CPU)."""
+    from tokenlean.lm import resolve_model
+    from tokenlean.model.load import load_model
 
-    draft = load(name, device=str(lm.model.device), dtype=lm.model.dtype).model
+    _, folder = resolve_model(name)
+    draft = load_model(folder, device=str(lm.model.device), dtype=lm.model.dtype,
+                       pack=not trainable)
     if draft.config.vocab_size != lm.model.config.vocab_size:
         raise UserError(f"draft model {name!r} has vocabulary {draft.config.vocab_size}, the "
                         f"target {lm.model.config.vocab_size}: they must share a tokenizer")

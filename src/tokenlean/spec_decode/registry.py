@@ -11,6 +11,7 @@ from tokenlean.spec_decode.drafters.aded import ADED
 from tokenlean.spec_decode.drafters.draft_model import DraftModel
 from tokenlean.spec_decode.drafters.dyspec import DySpec
 from tokenlean.spec_decode.drafters.hybrid import LookupRecycling
+from tokenlean.spec_decode.drafters.online import OnlineDraft
 from tokenlean.spec_decode.drafters.pld import PromptLookup
 from tokenlean.spec_decode.drafters.recycling import TokenRecycling
 from tokenlean.spec_decode.drafters.rsd import RSD
@@ -20,7 +21,7 @@ from tokenlean.spec_decode.drafters.suffix import SuffixDecoding
 BASELINE = "greedy"  # plain decoding: one target forward per token (samples when temperature > 0)
 DRAFTERS: dict[str, type[Drafter]] = {cls.name: cls for cls in (
     PromptLookup, TokenRecycling, LookupRecycling, DraftModel, ADED, SuffixDecoding, RSD, DySpec,
-    SpecTr)}
+    SpecTr, OnlineDraft)}
 
 
 def method_names() -> list[str]:

@@ -44,9 +44,11 @@ class DraftModel(Drafter):
     summary = "speculative sampling with a draft model (tl-code-draft), adaptive chain"
     needs_draft_model = True
 
+    trainable: bool = False  # the draft's weights are updated while serving (online)
+
     def __init__(self, lm, params: DraftModelParams):
         super().__init__(lm, params)
-        self.draft = load_draft(lm, params.model)
+        self.draft = load_draft(lm, params.model, self.trainable)
         self.k = params.num_draft_tokens
         self.sampling = SamplingParams()
 
