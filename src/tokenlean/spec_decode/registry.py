@@ -15,6 +15,7 @@ from tokenlean.spec_decode.drafters.online import OnlineDraft
 from tokenlean.spec_decode.drafters.pld import PromptLookup
 from tokenlean.spec_decode.drafters.rasd import RASD
 from tokenlean.spec_decode.drafters.recycling import TokenRecycling
+from tokenlean.spec_decode.drafters.recycling_draft import RecyclingDraft
 from tokenlean.spec_decode.drafters.rsd import RSD
 from tokenlean.spec_decode.drafters.spectr import SpecTr
 from tokenlean.spec_decode.drafters.suffix import SuffixDecoding
@@ -22,7 +23,7 @@ from tokenlean.spec_decode.drafters.suffix import SuffixDecoding
 BASELINE = "greedy"  # plain decoding: one target forward per token (samples when temperature > 0)
 DRAFTERS: dict[str, type[Drafter]] = {cls.name: cls for cls in (
     PromptLookup, TokenRecycling, LookupRecycling, DraftModel, ADED, SuffixDecoding, RSD, DySpec,
-    SpecTr, OnlineDraft, RASD)}
+    SpecTr, OnlineDraft, RASD, RecyclingDraft)}
 
 
 def method_names() -> list[str]:
