@@ -293,6 +293,33 @@ def test_tree_sizer_follows_the_cost_curve():
     assert len(chosen) == 3 and len(set(chosen)) == 3 and all(0 <= e < 16 for e in chosen)
 
 
+def test_tree_sizer_weighs_the_drafters_own_time():
+    """A drafter whose own CPU time per step exceeds what its accepted tokens save is
+    switched off; a cheap one keeps drafting (GPU-like flat forward costs)."""
+    flat = {s: 1.0 for s in (1, 4, 16, 64)}
+
+    def size(draft_s):
+        sizer = TreeSizer(flat, max_nodes=12)
+        for _ in range(TreeSizer.WARMUP_STEPS):
+            sizer.record(12, [0, 1], draft_s)  # 3 tokens per step when drafting
+        sizer.calls = 1
+        return sizer.nodes(1)
+
+    assert size(0.0) == size(0.5) == 2  # 3 tokens per 1.5 s beats 1 per 1 s
+    assert size(3.0) == 0  # 3 tokens per 4 s: plain decoding is faster
+
+
+def test_sequences_report_their_drafters_time(tiny_lm):
+    lm = fresh(tiny_lm)
+    scheduler = Scheduler(lm.model, sizer=TreeSizer({1: 1.0, 64: 8.0}, 12))
+    text = prompts(lm)[0]
+    recorded = []
+    real = scheduler.sizer.record
+    scheduler.sizer.record = lambda *a: (recorded.append(a), real(*a))
+    run(scheduler, [work(lm, text, 16, drafter=lm.drafter("pld", None), method="pld")])
+    assert recorded and all(len(a) == 3 and a[2] > 0 for a in recorded)
+
+
 def test_interleaved_generations_do_not_share_drafter_state(tiny_lm):
     """Two prompt-lookup generations interleaved on one LM: each takes the steps and
     accepts the tokens it takes alone (the lookup index is per sequence)."""

@@ -74,9 +74,11 @@ class Work:
 
 class TreeSizer:
     """Draft tree size per sequence for a batch of b decoding sequences: the n maximising
-    b * E(n) / cost(b * (n + 1) + other tokens), with E(n) = 1 + sum of the measured rates
-    at which tree node i (in tree order) is on the accepted path, and cost() the forward
-    times measured on this device (spec_decode.budget), extrapolated linearly."""
+    b * E(n) / (cost(b * (n + 1) + other tokens) + b * d), with E(n) = 1 + sum of the
+    measured rates at which tree node i (in tree order) is on the accepted path, cost() the
+    forward times measured on this device (spec_decode.budget), extrapolated linearly, and
+    d the drafter's own CPU time per sequence and step (propose + observe, a running mean),
+    paid whenever n > 0: a drafter slower than the forward it saves is switched off."""
 
     WARMUP_STEPS = 32  # verified trees before the measured rates are trusted
     EXPLORE = 8
@@ -88,8 +90,13 @@ class TreeSizer:
         self.accepted = [0] * max_nodes  # steps whose node i was accepted
         self.offered = [0] * max_nodes  # steps whose tree had a node i
         self.steps = self.calls = 0
+        self.draft_s = 0.0  # running mean of the drafter's seconds per sequence and step
 
-    def record(self, tree_len: int, accepted_nodes: list[int]) -> None:
+    DRAFT_WEIGHT = 0.1  # of the newest step in the running mean
+
+    def record(self, tree_len: int, accepted_nodes: list[int], draft_s: float = 0.0) -> None:
+        self.draft_s = draft_s if not self.steps else \
+            (1 - self.DRAFT_WEIGHT) * self.draft_s + self.DRAFT_WEIGHT * draft_s
         self.steps += 1
         for i in range(min(tree_len, self.max_nodes)):
             self.offered[i] += 1
@@ -123,7 +130,8 @@ class TreeSizer:
         expected = 1.0
         for n in range(1, self.max_nodes + 1):
             expected += rates[n - 1]
-            rate = batch * expected / self.cost(batch * (n + 1) + other_tokens)
+            rate = batch * expected / (self.cost(batch * (n + 1) + other_tokens)
+                                       + batch * self.draft_s)
             if rate > best_rate:
                 best, best_rate = n, rate
         return best

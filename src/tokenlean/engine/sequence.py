@@ -164,7 +164,9 @@ class Sequence:
         self.spec = SpecStats()
         self.steps = 0
         self.max_nodes: int | None = None  # a cap on draft trees (the scheduler's)
-        self.last_tree: tuple[int, list[int]] | None = None  # (nodes, accepted) of the last step
+        # (nodes, accepted, drafter seconds) of the last step
+        self.last_tree: tuple[int, list[int], float] | None = None
+        self.last_draft_s = 0.0
         self.finish_reason: str | None = None
         self.t_start = time.perf_counter()
         self.t_prefill: float | None = None
@@ -233,7 +235,8 @@ class Sequence:
         tree = self.drafter.propose(self.history, max_depth)
         if self.max_nodes is not None:
             tree = tree.first(self.max_nodes)
-        self.spec.draft_s += time.perf_counter() - t0
+        self.last_draft_s = time.perf_counter() - t0
+        self.spec.draft_s += self.last_draft_s
         return tree
 
     def take(self, plan: Plan, logits: torch.Tensor) -> list[int]:
@@ -256,8 +259,11 @@ class Sequence:
         self.cache.keep_new(len(tree) + 1, kept)  # root + accepted path; the rest is dropped
         self.spec.verify_s += time.perf_counter() - t0
         self.spec.record(tree, accepted)
-        self.last_tree = (len(tree), accepted.nodes)
+        t1 = time.perf_counter()
         self.drafter.observe(tree, logits, accepted)
+        # the drafter's own CPU time this step, proposing and learning: the sizer weighs it
+        drafter_s = self.last_draft_s + time.perf_counter() - t1
+        self.last_tree = (len(tree), accepted.nodes, drafter_s)
         return self._record(logits[kept.to(logits.device)], self.accept(accepted.tokens))
 
     def prefill_with_policy(self) -> list[int]:
