@@ -77,8 +77,9 @@ class TreeSizer:
     b * E(n) / (cost(b * (n + 1) + other tokens) + b * d), with E(n) = 1 + sum of the
     measured rates at which tree node i (in tree order) is on the accepted path, cost() the
     forward times measured on this device (spec_decode.budget), extrapolated linearly, and
-    d the drafter's own CPU time per sequence and step (propose + observe, a running mean),
-    paid whenever n > 0: a drafter slower than the forward it saves is switched off."""
+    d what speculation costs a sequence per step beyond the forward (proposing, verifying,
+    compacting the cache, the drafter's learning; a running mean), paid whenever n > 0:
+    speculation that costs more than the forwards it saves is switched off."""
 
     WARMUP_STEPS = 32  # verified trees before the measured rates are trusted
     EXPLORE = 8
@@ -90,7 +91,7 @@ class TreeSizer:
         self.accepted = [0] * max_nodes  # steps whose node i was accepted
         self.offered = [0] * max_nodes  # steps whose tree had a node i
         self.steps = self.calls = 0
-        self.draft_s = 0.0  # running mean of the drafter's seconds per sequence and step
+        self.draft_s = 0.0  # running mean of speculation's own seconds per sequence and step
 
     DRAFT_WEIGHT = 0.1  # of the newest step in the running mean
 

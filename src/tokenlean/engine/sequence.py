@@ -259,11 +259,11 @@ class Sequence:
         self.cache.keep_new(len(tree) + 1, kept)  # root + accepted path; the rest is dropped
         self.spec.verify_s += time.perf_counter() - t0
         self.spec.record(tree, accepted)
-        t1 = time.perf_counter()
         self.drafter.observe(tree, logits, accepted)
-        # the drafter's own CPU time this step, proposing and learning: the sizer weighs it
-        drafter_s = self.last_draft_s + time.perf_counter() - t1
-        self.last_tree = (len(tree), accepted.nodes, drafter_s)
+        # what speculation cost this sequence beyond the forward (proposing, verifying,
+        # compacting the cache, learning): the sizer weighs it against the tokens it gains
+        overhead = self.last_draft_s + time.perf_counter() - t0
+        self.last_tree = (len(tree), accepted.nodes, overhead)
         return self._record(logits[kept.to(logits.device)], self.accept(accepted.tokens))
 
     def prefill_with_policy(self) -> list[int]:
