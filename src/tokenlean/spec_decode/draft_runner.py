@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 
 from tokenlean.errors import UserError
+from tokenlean.sampling import SamplingParams
+from tokenlean.spec_decode.drafter import Drafter
 from tokenlean.spec_decode.tree import DraftTree
 
 
@@ -71,3 +73,25 @@ class DraftRunner:
         """Drop the tree's nodes from the cache (the history stays)."""
         self.cache.truncate(len(self.cached))
         self.fed = 0
+
+
+class DraftModelDrafter(Drafter):
+    """What the drafters built on a draft model share: the draft (`params.model`) loaded
+    beside the target, and per request the sampling parameters, a generator of its own
+    (seeded from the request's seed + 1, so drafts never consume the target's random
+    stream) and a draft cache of its own (sessions share the weights, never the cache)."""
+
+    needs_draft_model = True
+    trainable: bool = False  # the draft's weights are updated while serving (online)
+    unseeded: int | None = None  # the generator's seed when the request has none
+
+    def __init__(self, lm, params):
+        super().__init__(lm, params)
+        self.draft = load_draft(lm, params.model, self.trainable)
+        self.sampling = SamplingParams()
+
+    def start(self, history: list[int], sampling: SamplingParams) -> None:
+        self.sampling = sampling
+        seed = self.unseeded if sampling.seed is None else sampling.seed + 1
+        self.generator = SamplingParams(seed=seed).generator(self.draft.device)
+        self.runner = DraftRunner(self.draft, self.max_nodes)

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenlean.sampling import SamplingParams, probabilities, sample
-from tokenlean.spec_decode.draft_runner import DraftRunner, load_draft
-from tokenlean.spec_decode.drafter import Drafter
+from tokenlean.spec_decode.draft_runner import DraftModelDrafter
 from tokenlean.spec_decode.tree import DraftTree
 from tokenlean.zoo import DEFAULT_DRAFT
 
@@ -37,32 +36,23 @@ class DraftModelParams:
             raise ValueError("need 1 <= num_draft_tokens <= max_draft_tokens")
 
 
-class DraftModel(Drafter):
+class DraftModel(DraftModelDrafter):
     name = "draft"
     Params = DraftModelParams
     paper = "Leviathan et al. arXiv 2211.17192; Chen et al. arXiv 2302.01318"
     summary = "speculative sampling with a draft model (tl-code-draft), adaptive chain"
-    needs_draft_model = True
-
-    trainable: bool = False  # the draft's weights are updated while serving (online)
 
     def __init__(self, lm, params: DraftModelParams):
         super().__init__(lm, params)
-        self.draft = load_draft(lm, params.model, self.trainable)
         self.k = params.num_draft_tokens
-        self.sampling = SamplingParams()
 
     @property
     def max_nodes(self) -> int:
         return self.params.max_draft_tokens
 
     def start(self, history: list[int], sampling: SamplingParams) -> None:
-        self.sampling = sampling
+        super().start(history, sampling)
         self.k = self.params.num_draft_tokens  # each request starts afresh
-        seed = None if self.sampling.seed is None else self.sampling.seed + 1
-        self.generator = SamplingParams(seed=seed).generator(self.draft.device)
-        # a cache of its own: sessions share the draft's weights, never its cache
-        self.runner = DraftRunner(self.draft, self.max_nodes)
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:
         k = min(self.k, max_depth, self.runner.context - len(history))

@@ -28,8 +28,7 @@ import torch
 
 from tokenlean.sampling import SamplingParams, probabilities
 from tokenlean.spec_decode.budget import best_size, forward_costs
-from tokenlean.spec_decode.draft_runner import DraftRunner, load_draft
-from tokenlean.spec_decode.drafter import Drafter
+from tokenlean.spec_decode.draft_runner import DraftModelDrafter
 from tokenlean.spec_decode.drafters.rsd import gumbel, without_replacement
 from tokenlean.spec_decode.tree import DraftTree
 from tokenlean.zoo import DEFAULT_DRAFT
@@ -67,27 +66,18 @@ class Candidate:
         return self.base * self.scale[self.rank]
 
 
-class DySpec(Drafter):
+class DySpec(DraftModelDrafter):
     name = "dyspec"
     Params = DySpecParams
     paper = "DySpec (arXiv 2410.11744)"
     summary = "draft-model tree grown best-first by draft probability, budget from the cost curve"
-    needs_draft_model = True
-
-    def __init__(self, lm, params: DySpecParams):
-        super().__init__(lm, params)
-        self.draft = load_draft(lm, params.model)
-        self.sampling = SamplingParams()
 
     @property
     def max_nodes(self) -> int:
         return self.params.max_nodes
 
     def start(self, history: list[int], sampling: SamplingParams) -> None:
-        self.sampling = sampling
-        seed = None if sampling.seed is None else sampling.seed + 1
-        self.generator = SamplingParams(seed=seed).generator(self.draft.device)
-        self.runner = DraftRunner(self.draft, self.max_nodes)
+        super().start(history, sampling)
         self.values: list[float] = []  # the previous tree's node values, in pop order
         self.budget = self.params.num_nodes or min(16, self.params.max_nodes)
 

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenlean.sampling import SamplingParams, probabilities
-from tokenlean.spec_decode.draft_runner import DraftRunner, load_draft
-from tokenlean.spec_decode.drafter import Drafter
+from tokenlean.sampling import probabilities
+from tokenlean.spec_decode.draft_runner import DraftModelDrafter
 from tokenlean.spec_decode.tree import DraftTree
 from tokenlean.zoo import DEFAULT_DRAFT
 
@@ -66,18 +65,12 @@ class RSDParams:
         return [int(b) for b in self.branches.split(",")]
 
 
-class RSD(Drafter):
+class RSD(DraftModelDrafter):
     name = "rsd"
     Params = RSDParams
     paper = "RSD (arXiv 2402.14160)"
     summary = ("draft-model trees sampled without replacement (RSD-C Gumbel-top-k, RSD-S "
                "stochastic beam search), recursive rejection sampling")
-    needs_draft_model = True
-
-    def __init__(self, lm, params: RSDParams):
-        super().__init__(lm, params)
-        self.draft = load_draft(lm, params.model)
-        self.sampling = SamplingParams()
 
     @property
     def max_nodes(self) -> int:
@@ -85,12 +78,6 @@ class RSD(Drafter):
             return self.params.beam * self.params.depth
         w = self.params.widths
         return sum(math.prod(w[: d + 1]) for d in range(len(w)))
-
-    def start(self, history: list[int], sampling: SamplingParams) -> None:
-        self.sampling = sampling
-        seed = None if sampling.seed is None else sampling.seed + 1
-        self.generator = SamplingParams(seed=seed).generator(self.draft.device)
-        self.runner = DraftRunner(self.draft, self.max_nodes)  # this sequence's draft cache
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:
         depth = min(max_depth, self.runner.context - len(history),

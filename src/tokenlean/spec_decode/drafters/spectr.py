@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenlean.sampling import SamplingParams, probabilities, sample
-from tokenlean.spec_decode.draft_runner import DraftRunner, load_draft
-from tokenlean.spec_decode.drafter import Drafter
+from tokenlean.sampling import probabilities, sample
+from tokenlean.spec_decode.draft_runner import DraftModelDrafter
 from tokenlean.spec_decode.tree import DraftTree
 from tokenlean.zoo import DEFAULT_DRAFT
 
@@ -38,27 +37,16 @@ class SpecTrParams:
             raise ValueError("need 1 <= num_seqs <= 32 and 1 <= length <= 16")
 
 
-class SpecTr(Drafter):
+class SpecTr(DraftModelDrafter):
     name = "spectr"
     Params = SpecTrParams
+    unseeded = 1  # greedy decoding samples its drafts too: reproducibly
     paper = "SpecTr (arXiv 2310.15141)"
     summary = "k i.i.d. draft-model sequences verified by K-SEQ draft selection"
-    needs_draft_model = True
-
-    def __init__(self, lm, params: SpecTrParams):
-        super().__init__(lm, params)
-        self.draft = load_draft(lm, params.model)
-        self.sampling = SamplingParams()
 
     @property
     def max_nodes(self) -> int:
         return self.params.num_seqs * self.params.length
-
-    def start(self, history: list[int], sampling: SamplingParams) -> None:
-        self.sampling = sampling
-        seed = 1 if sampling.seed is None else sampling.seed + 1  # greedy drafts reproducibly
-        self.generator = SamplingParams(seed=seed).generator(self.draft.device)
-        self.runner = DraftRunner(self.draft, self.max_nodes)
 
     def _q(self, logits: torch.Tensor) -> torch.Tensor:
         if self.sampling.greedy:
