@@ -37,7 +37,7 @@ import torch
 
 from tokenlean.spec_decode.draft_runner import DraftRunner, load_draft
 from tokenlean.spec_decode.drafter import Drafter
-from tokenlean.spec_decode.drafters.suffix import SuffixTrie, children, gc_paused
+from tokenlean.spec_decode.drafters.suffix import RequestTrie, children
 from tokenlean.spec_decode.tree import DraftTree
 from tokenlean.spec_decode.warm_start import corpus_ids, fingerprint
 from tokenlean.zoo import state_dir
@@ -251,18 +251,14 @@ class RASD(Drafter):
     def start(self, history: list[int], sampling=None) -> None:
         self.corpus()
         p = self.params
-        self.local, self.seen = SuffixTrie(p.max_match + p.max_spec), list(history)
-        with gc_paused():
-            self.open = self.local.add(self.seen)
+        self.local = RequestTrie(p.max_match + p.max_spec, history)
         if self.draft is not None:
             self.runner = DraftRunner(self.draft, p.num_nodes)
 
     def retrieve(self, history: list[int], depth: int) -> DraftTree:
         """The tree of what followed the longest matches, `depth` deep at most."""
         p = self.params
-        indexed = len(self.seen)
-        self.seen += history[indexed:]
-        self.open = self.local.add(self.seen, indexed, self.open)
+        self.local.update(history)
         sources = []  # (match length, the request's own text first on ties, trie)
         n, node = self.local.match(history, p.max_match)
         if n >= p.min_match:

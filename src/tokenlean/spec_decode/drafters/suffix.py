@@ -112,6 +112,22 @@ class SuffixTrie:
         return 0, None
 
 
+class RequestTrie(SuffixTrie):
+    """A suffix trie over one request's prompt + output, extended as the output grows:
+    `update(history)` counts only the tokens added since the last call."""
+
+    def __init__(self, depth: int, history: list[int]):
+        super().__init__(depth)
+        self.seen = list(history)  # the leaves point into it
+        with gc_paused():
+            self.open = self.add(self.seen)
+
+    def update(self, history: list[int]) -> None:
+        indexed = len(self.seen)
+        self.seen += history[indexed:]
+        self.open = self.add(self.seen, indexed, self.open)
+
+
 def children(node: list) -> dict:
     if node[1] is not None:
         return node[1]
@@ -187,15 +203,11 @@ class SuffixDecoding(Drafter):
         return self.params.num_nodes
 
     def start(self, history: list[int], sampling=None) -> None:
-        self.local, self.seen = SuffixTrie(self.depth), list(history)  # leaves point into seen
-        with gc_paused():
-            self.open = self.local.add(self.seen)
+        self.local = RequestTrie(self.depth, history)
         self.history = history
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:
-        indexed = len(self.seen)
-        self.seen += history[indexed:]
-        self.open = self.local.add(self.seen, indexed, self.open)
+        self.local.update(history)
         self.history = history
         p, best = self.params, (DraftTree(), 0.0)
         with self.store.lock:
