@@ -44,6 +44,23 @@ class DraftTree:
         return DraftTree(self.tokens[:n], self.parents[:n], None if self.q is None else self.q[:n],
                          self.kseq)
 
+    def graft(self, other: DraftTree) -> DraftTree:
+        """This tree with every path of `other` inserted by longest-prefix matching: a node
+        of `other` whose token its (grafted) parent already has becomes that node, so
+        siblings never repeat a token. The new nodes follow this tree's, in `other`'s order
+        (parents first). For deterministic trees (no q)."""
+        tokens, parents = list(self.tokens), list(self.parents)
+        child = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}
+        where: list[int] = []  # other's node -> grafted node
+        for t, p in zip(other.tokens, other.parents):
+            key = (where[p] if p >= 0 else -1, t)
+            if key not in child:
+                child[key] = len(tokens)
+                tokens.append(t)
+                parents.append(key[0])
+            where.append(child[key])
+        return DraftTree(tokens, parents)
+
     def __len__(self) -> int:
         return len(self.tokens)
 

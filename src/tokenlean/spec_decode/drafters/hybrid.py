@@ -97,13 +97,4 @@ class LookupRecycling(Drafter):
 
 def graft(tree: DraftTree, chain: list[int]) -> DraftTree:
     """`tree` plus the path `chain` from the root, reusing the nodes it already has."""
-    tokens, parents = list(tree.tokens), list(tree.parents)
-    children = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}
-    node = -1
-    for token in chain:
-        if (node, token) not in children:
-            children[node, token] = len(tokens)
-            tokens.append(token)
-            parents.append(node)
-        node = children[node, token]
-    return DraftTree(tokens, parents)
+    return tree.graft(DraftTree.chain(chain))

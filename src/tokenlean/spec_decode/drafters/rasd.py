@@ -207,20 +207,9 @@ def grow(sources: list[list], depth: int, budget: int) -> DraftTree:
 
 
 def fuse(draft: DraftTree, retrieved: DraftTree, num_nodes: int) -> DraftTree:
-    """The draft tree with every retrieved path inserted by longest-prefix matching: a
-    retrieved node whose token its fused parent already has is that node. Draft nodes come
-    first, then the new retrieved ones in their order (by weight, parents first)."""
-    tokens, parents = list(draft.tokens), list(draft.parents)
-    child = {(p, t): i for i, (t, p) in enumerate(zip(tokens, parents))}
-    where: list[int] = []  # retrieved node -> fused node
-    for t, p in zip(retrieved.tokens, retrieved.parents):
-        key = (where[p] if p >= 0 else -1, t)
-        if key not in child:
-            child[key] = len(tokens)
-            tokens.append(t)
-            parents.append(key[0])
-        where.append(child[key])
-    return DraftTree(tokens, parents).first(num_nodes)
+    """The draft tree with every retrieved path inserted by longest-prefix matching (draft
+    nodes first, then the new retrieved ones by weight), cut to num_nodes."""
+    return draft.graft(retrieved).first(num_nodes)
 
 
 class RASD(Drafter):
