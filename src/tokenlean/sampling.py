@@ -86,3 +86,28 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Draw one token per row of (..., V) probabilities."""
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def gumbel(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Standard Gumbel noise, float64."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    return -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
+
+
+def without_replacement(q: torch.Tensor, tokens: list[int]) -> list[torch.Tensor]:
+    """The distribution each of tokens[j] was drawn from: q without tokens[:j], renormalised."""
+    rows, rest = [], q.clone()
+    for t in tokens:
+        rows.append(rest / rest.sum())
+        rest = rest.clone()
+        rest[t] = 0.0
+    return rows
+
+
+def draw_without_replacement(q: torch.Tensor, k: int,
+                             generator: torch.Generator) -> tuple[list[int], list[torch.Tensor]]:
+    """Up to k distinct tokens drawn from q (float64 probabilities) without replacement, in
+    draw order (the Gumbel-top-k trick), and the distribution each was drawn from."""
+    keys = q.log() + gumbel(q.shape, generator, q.device)
+    tokens = keys.topk(min(k, int((q > 0).sum()))).indices.tolist()
+    return tokens, without_replacement(q, tokens)

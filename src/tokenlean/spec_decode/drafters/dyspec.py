@@ -26,10 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenlean.sampling import SamplingParams, probabilities
+from tokenlean.sampling import SamplingParams, draw_without_replacement, probabilities
 from tokenlean.spec_decode.budget import best_size, forward_costs
 from tokenlean.spec_decode.draft_runner import DraftModelDrafter
-from tokenlean.spec_decode.drafters.rsd import gumbel, without_replacement
 from tokenlean.spec_decode.tree import DraftTree
 from tokenlean.zoo import DEFAULT_DRAFT
 
@@ -106,9 +105,7 @@ class DySpec(DraftModelDrafter):
             return Candidate(value, parent, 0, top.indices.tolist(), [None] * k,
                              top.values.tolist())
         q = probabilities(logits, self.sampling).double()
-        keys = q.log() + gumbel(q.shape, self.generator, q.device)
-        tokens = keys.topk(min(k, int((q > 0).sum()))).indices.tolist()
-        rows = without_replacement(q, tokens)
+        tokens, rows = draw_without_replacement(q, k, self.generator)
         scale = [float((row * q).sum()) for row in rows]  # E[q(x_j)] given the earlier draws
         return Candidate(value, parent, 0, tokens, rows, scale)
 

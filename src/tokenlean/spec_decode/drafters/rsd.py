@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenlean.sampling import probabilities
+from tokenlean.sampling import draw_without_replacement, gumbel, probabilities, without_replacement
 from tokenlean.spec_decode.draft_runner import DraftModelDrafter
 from tokenlean.spec_decode.tree import DraftTree
 from tokenlean.zoo import DEFAULT_DRAFT
@@ -115,9 +115,8 @@ class RSD(DraftModelDrafter):
                 out += [(node, t, None, 0.0, 0.0) for t in tokens]
                 continue
             q = probabilities(logits, self.sampling).double()
-            keys = q.log() + gumbel(q.shape, self.generator, q.device)
-            tokens = keys.topk(min(width, int((q > 0).sum()))).indices.tolist()
-            out += [(node, t, row, 0.0, 0.0) for t, row in zip(tokens, without_replacement(q, tokens))]
+            tokens, rows = draw_without_replacement(q, width, self.generator)
+            out += [(node, t, row, 0.0, 0.0) for t, row in zip(tokens, rows)]
         return out
 
     def _beam_level(self, frontier, level: int) -> list[tuple]:
@@ -152,24 +151,9 @@ class RSD(DraftModelDrafter):
         return out
 
 
-def gumbel(shape, generator: torch.Generator, device) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
-    return -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
-
-
 def truncated_gumbel(g: torch.Tensor, bound: float) -> torch.Tensor:
     """Gumbels g shifted so that their maximum is `bound`, order kept (Kool et al.'s
     numerically stable form of -log(exp(-bound) - exp(-max g) + exp(-g)))."""
     z = g.max()
     v = bound - g + torch.log(-torch.expm1(torch.clamp(g - z, max=0.0)))
     return bound - torch.relu(v) - torch.log1p(torch.exp(-v.abs()))
-
-
-def without_replacement(q: torch.Tensor, tokens: list[int]) -> list[torch.Tensor]:
-    """The distribution each of tokens[j] was drawn from: q without tokens[:j], renormalised."""
-    rows, rest = [], q.clone()
-    for t in tokens:
-        rows.append(rest / rest.sum())
-        rest = rest.clone()
-        rest[t] = 0.0
-    return rows
