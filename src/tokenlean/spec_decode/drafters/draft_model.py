@@ -74,8 +74,11 @@ class DraftModel(DraftModelDrafter):
         return DraftTree.chain(tokens, torch.stack(qs) if qs else None)
 
     def observe(self, tree: DraftTree, logits: torch.Tensor, accepted) -> None:
-        if self.params.adaptive and len(tree):
-            if len(accepted.nodes) == len(tree):
-                self.k = min(self.k + 2, self.params.max_draft_tokens)
-            else:
-                self.k = max(1, self.k - 1)
+        if len(tree):
+            self.adapt(len(accepted.nodes) == len(tree))
+
+    def adapt(self, whole_chain_accepted: bool) -> None:
+        """The next chain's length: +2 after a chain accepted whole, -1 otherwise."""
+        if self.params.adaptive:
+            self.k = min(self.k + 2, self.params.max_draft_tokens) if whole_chain_accepted \
+                else max(1, self.k - 1)

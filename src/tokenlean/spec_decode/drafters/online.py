@@ -71,10 +71,6 @@ class OnlineDraft(DraftModel):
         self.learned = Learned(deque(maxlen=params.buffer))
         self.rng = random.Random(0)
 
-    def propose(self, history, max_depth):
-        self.last_history = history
-        return super().propose(history, max_depth)
-
     def observe(self, tree, logits, accepted) -> None:
         super().observe(tree, logits, accepted)
         if self.params.frozen or not len(tree):
@@ -86,8 +82,10 @@ class OnlineDraft(DraftModel):
             chosen = [len(rows) - 1] if wrong else []
         else:
             chosen = range(len(rows))
+        window = self.params.window
+        recent = self.runner.cached[-window:]  # the history this tree was drafted after
         for i in chosen:
-            context = (list(self.last_history) + accepted.tokens[:i])[-self.params.window :]
+            context = (recent + accepted.tokens[:i])[-window:]
             probs = torch.softmax(logits[rows[i]].float(), -1)
             top = probs.topk(min(self.params.top_k, probs.shape[-1]))
             self.learned.buffer.append((context, top.indices.cpu(),
@@ -104,14 +102,15 @@ class OnlineDraft(DraftModel):
     def _distill(self) -> None:
         p, model, learned = self.params, self.draft, self.learned
         with torch.inference_mode(False), torch.enable_grad():
-            params = [w for w in model.parameters()]
+            params = list(model.parameters())
             for w in params:
                 w.requires_grad_(True)
             if learned.optimizer is None:
                 learned.optimizer = torch.optim.Adam(params, lr=p.lr)
+            examples = list(learned.buffer)
             try:
                 for _ in range(p.steps):
-                    batch = self.rng.sample(list(learned.buffer), min(p.batch, len(learned.buffer)))
+                    batch = self.rng.sample(examples, min(p.batch, len(examples)))
                     loss = forward_kl(model, batch)
                     learned.optimizer.zero_grad()
                     loss.backward()

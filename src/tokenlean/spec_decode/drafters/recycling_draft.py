@@ -20,7 +20,6 @@ from tokenlean.spec_decode.drafters.draft_model import DraftModel, DraftModelPar
 from tokenlean.spec_decode.drafters.hybrid import graft
 from tokenlean.spec_decode.drafters.recycling import RecyclingParams, TokenRecycling
 from tokenlean.spec_decode.tree import DraftTree
-from tokenlean.spec_decode.verify import Accepted
 from tokenlean.zoo import DEFAULT_DRAFT
 
 
@@ -88,14 +87,8 @@ class RecyclingDraft(Drafter):
 
     def observe(self, tree, logits, accepted) -> None:
         self.recycling.observe(tree, logits, accepted)
-        if self.chain:  # the chain's length adapts to how much of the chain was accepted
-            matched = 0
-            for drafted, taken in zip(self.chain, accepted.tokens[:-1]):
-                if drafted != taken:
-                    break
-                matched += 1
-            self.draft.observe(DraftTree.chain(self.chain), logits,
-                               Accepted(list(range(matched)), self.chain[:matched]))
+        if self.chain:  # the chain's length adapts to whether the target took all of it
+            self.draft.adapt(accepted.tokens[:-1][: len(self.chain)] == self.chain)
 
     def info(self) -> dict:
         return {"tree_nodes": self.recycling.max_nodes, "chain_steps": self.chained}
