@@ -1,6 +1,6 @@
 """A draft model run beside the target: its own KV cache kept in step with the output, and
-its logits over a draft tree grown level by level (what tree drafters built on a small
-model share: rsd, dyspec)."""
+its logits over a draft tree grown level by level (what the drafters built on a small
+model share: draft, rsd, dyspec, spectr, online, and rasd with a model)."""
 
 from __future__ import annotations
 

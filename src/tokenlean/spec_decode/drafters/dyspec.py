@@ -78,15 +78,14 @@ class DySpec(DraftModelDrafter):
     def start(self, history: list[int], sampling: SamplingParams) -> None:
         super().start(history, sampling)
         self.values: list[float] = []  # the previous tree's node values, in pop order
-        self.budget = self.params.num_nodes or min(16, self.params.max_nodes)
 
     def _budget(self) -> int:
         """Fixed before this step's draws, from the last step's values (so it cannot depend
         on the tokens drawn now)."""
         if self.params.num_nodes:
             return self.params.num_nodes
-        if not self.values:
-            return self.budget
+        if not self.values:  # the first step: a middling tree
+            return min(16, self.params.max_nodes)
         costs = {s: c for s, c in forward_costs(self.lm.model).items()
                  if s - 1 <= self.params.max_nodes}
         values = self.values
