@@ -9,13 +9,12 @@ from pathlib import Path
 import torch
 
 from tokenlean.decode import Generation, GenerationResult, decode_steps
-from tokenlean.errors import UserError
 from tokenlean.kv.registry import KVConfig
-from tokenlean.model.load import checkpoint_path, load_checkpoint
+from tokenlean.model.load import load_checkpoint
 from tokenlean.model.tokenizer import Tokenizer
 from tokenlean.model.transformer import Transformer
 from tokenlean.sampling import SamplingParams
-from tokenlean.zoo import DEFAULT_MODEL, zoo_models, zoo_path
+from tokenlean.zoo.resolve import resolve_model
 
 
 @dataclass
@@ -69,24 +68,6 @@ class LM:
         for _ in generation:
             pass
         return generation.result
-
-
-def resolve_model(name: str | None) -> tuple[str, Path]:
-    """An embedded zoo name, an installed real model, a local checkpoint folder or .gguf file,
-    or a hub id."""
-    from tokenlean.zoo.real import REAL_MODELS, require_installed
-
-    name = name or DEFAULT_MODEL
-    path = zoo_path(name)
-    if path is not None:
-        return name, path
-    if name in REAL_MODELS:
-        return name, require_installed(name)
-    if "/" not in name and not Path(name).exists():
-        known = ", ".join([*zoo_models(), *REAL_MODELS]) or "none installed"
-        raise UserError(f"unknown model {name!r}: not a named model ({known}) "
-                        "nor a checkpoint folder")
-    return name, checkpoint_path(name)
 
 
 def load(name: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None) -> LM:

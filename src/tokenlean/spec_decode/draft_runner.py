@@ -7,17 +7,16 @@ from __future__ import annotations
 import torch
 
 from tokenlean.errors import UserError
+from tokenlean.model.load import load_model
 from tokenlean.sampling import SamplingParams
 from tokenlean.spec_decode.drafter import Drafter
 from tokenlean.spec_decode.tree import DraftTree
+from tokenlean.zoo.resolve import resolve_model
 
 
 def load_draft(lm, name: str, trainable: bool = False):
     """The draft model `name` on the target's device and dtype; it must share the vocabulary.
     `trainable`: plain weights that autograd can update (not prepacked for oneDNN on CPU)."""
-    from tokenlean.lm import resolve_model
-    from tokenlean.model.load import load_model
-
     _, folder = resolve_model(name)
     draft = load_model(folder, device=str(lm.model.device), dtype=lm.model.dtype,
                        pack=not trainable)
