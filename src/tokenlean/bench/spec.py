@@ -225,9 +225,9 @@ def run_spec_bench(args) -> dict:
     from tokenlean.lm import load
 
     started = utc_now()
-    if getattr(args, "stream", False) and args.cold:
+    if args.stream and args.cold:
         raise UserError("--stream and --cold are two different runs: give one of them")
-    if getattr(args, "stream_passes", 1) != 1 and not getattr(args, "stream", False):
+    if args.stream_passes != 1 and not args.stream:
         raise UserError("--stream-passes needs --stream")
     task_names = parse_tasks(args.tasks)
     systems, notes = plan_systems(args)
@@ -261,7 +261,7 @@ def run_spec_bench(args) -> dict:
 
     if args.cold:
         return _run_cold(args, lm, tasks, [s for s in systems if s.kind == "tokenlean"], started)
-    if getattr(args, "stream", False):
+    if args.stream:
         return _run_stream(args, lm, tasks, [s for s in systems if s.kind == "tokenlean"], started)
 
     llama = {}  # peer name -> LlamaCppPeer
