@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from conftest import TRAIN_TEXT
-from tokenlean.engine.scheduler import CacheFull, Scheduler, SchedulerConfig, Sink, TreeSizer, Work
+from tokenlean.engine.scheduler import CacheFull, Scheduler, SchedulerConfig, Sink, Work
 from tokenlean.engine.sequence import Sequence
 from tokenlean.engine.text import TextStream
+from tokenlean.engine.tree_sizer import TreeSizer
 from tokenlean.lm import LM
 from tokenlean.model.transformer import Segment
 from tokenlean.sampling import SamplingParams
@@ -265,50 +266,6 @@ def test_cancelled_and_timed_out_sequences_leave_the_batch(tiny_lm):
     assert scheduler.reserved == 0 and all(w.seq.cache is None for w in works)
 
 
-def test_tree_sizer_follows_the_cost_curve():
-    def sizer_for(costs):
-        sizer = TreeSizer(costs, max_nodes=12)
-        for _ in range(TreeSizer.WARMUP_STEPS):
-            sizer.record(12, [0, 1])  # the first two nodes are accepted, the rest never
-        return sizer
-
-    def nodes(sizer, batch):
-        sizer.calls = 1  # not an exploration step
-        return sizer.nodes(batch)
-
-    flat = sizer_for({s: 1.0 for s in (1, 4, 16, 64)})  # GPU-like: 64 tokens cost one step
-    assert nodes(flat, 1) == nodes(flat, 16) == 2  # nodes never accepted are not worth it
-    steep = sizer_for({1: 1.0, 4: 4.0, 16: 16.0, 64: 64.0})  # every token costs a step
-    assert nodes(steep, 1) == nodes(steep, 16) == 0
-    knee = sizer_for({1: 1.0, 8: 1.1, 16: 1.3, 64: 13.0})  # cheap until the device is full
-    assert nodes(knee, 1) == 2 and nodes(knee, 32) == 0
-    warming = TreeSizer({1: 1.0, 64: 64.0}, max_nodes=12)
-    assert warming.nodes(32) == 12  # full trees until the rates are measured
-    # every EXPLORE-th step one sequence of the batch, in turn, drafts a full tree
-    explorers = []
-    for _ in range(3 * TreeSizer.EXPLORE):
-        assert steep.nodes(16) == 0
-        explorers.append(steep.explorer(16))
-    chosen = [e for e in explorers if e is not None]
-    assert len(chosen) == 3 and len(set(chosen)) == 3 and all(0 <= e < 16 for e in chosen)
-
-
-def test_tree_sizer_weighs_the_drafters_own_time():
-    """A drafter whose own CPU time per step exceeds what its accepted tokens save is
-    switched off; a cheap one keeps drafting (GPU-like flat forward costs)."""
-    flat = {s: 1.0 for s in (1, 4, 16, 64)}
-
-    def size(draft_s):
-        sizer = TreeSizer(flat, max_nodes=12)
-        for _ in range(TreeSizer.WARMUP_STEPS):
-            sizer.record(12, [0, 1], draft_s)  # 3 tokens per step when drafting
-        sizer.calls = 1
-        return sizer.nodes(1)
-
-    assert size(0.0) == size(0.5) == 2  # 3 tokens per 1.5 s beats 1 per 1 s
-    assert size(3.0) == 0  # 3 tokens per 4 s: plain decoding is faster
-
-
 def test_sequences_report_their_drafters_time(tiny_lm):
     lm = fresh(tiny_lm)
     scheduler = Scheduler(lm.model, sizer=TreeSizer({1: 1.0, 64: 8.0}, 12))
@@ -317,7 +274,39 @@ def test_sequences_report_their_drafters_time(tiny_lm):
     real = scheduler.sizer.record
     scheduler.sizer.record = lambda *a: (recorded.append(a), real(*a))
     run(scheduler, [work(lm, text, 16, drafter=lm.drafter("pld", None), method="pld")])
-    assert recorded and all(len(a) == 3 and a[2] > 0 for a in recorded)
+    assert recorded and all(len(a) == 4 and a[2] > 0 for a in recorded)
+
+
+def test_the_sizer_times_only_pure_decoding_steps(tiny_lm):
+    """Step times go to the sizer's measured pace only for steps that fed no prompt chunk
+    and gave no sequence an exploring full tree, filed under drafting or not as the
+    step's size was; the outputs stay offline's."""
+    lm = fresh(tiny_lm)
+    drafter = lm.drafter("pld", None)
+    sizer = TreeSizer({1: 1.0, 64: 8.0}, drafter.max_nodes)
+    scheduler = Scheduler(lm.model, sizer=sizer)
+    timed, plans = [], []
+    real_record, real_plan = sizer.record_step, scheduler._plan
+
+    def plan():
+        batch, chunks = real_plan()
+        plans.append((scheduler._sized, [w.seq.prefilling for w in batch], chunks))
+        return batch, chunks
+
+    sizer.record_step = lambda *a: (timed.append((len(plans), *a)), real_record(*a))
+    scheduler._plan = plan
+    texts = prompts(lm)[:3]
+    works = [work(lm, t, 24, drafter=drafter, method="pld") for t in texts]
+    run(scheduler, works, arrive_at=[0, 3, 6])
+    assert timed
+    for step, batch, drafting, seconds, tokens in timed:
+        (nodes, explorer), prefilling, chunks = plans[step - 1]
+        assert not any(prefilling) and all(c is None for c in chunks) and explorer is None
+        assert batch == len(chunks) and drafting == (nodes > 0) and seconds > 0
+        assert tokens >= batch
+    assert len(timed) < len(plans)  # the prefill and exploring steps were left out
+    for w, text in zip(works, texts):
+        assert w.sink.result.token_ids == fresh(tiny_lm).generate(text, 24).token_ids
 
 
 def test_interleaved_generations_do_not_share_drafter_state(tiny_lm):

@@ -10,7 +10,8 @@ Each `step_once`:
    long prompt stalls neither the streams that are decoding nor the first token of
    the short prompts that arrive with it;
 4. sizes the draft trees for the batch from the device's measured forward costs and
-   the acceptance seen so far, down to no drafting when drafting does not pay;
+   the acceptance seen so far, and keeps drafting on only while its measured steps
+   beat plain decoding's at this batch size (engine/tree_sizer.py);
 5. runs the step and hands each sequence's new tokens to its text stream and sink.
 
 Nothing here knows about HTTP: a `Sink` receives the text, the result or the error.
@@ -19,6 +20,7 @@ Nothing here knows about HTTP: a `Sink` receives the text, the result or the err
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ from tokenlean.engine.prefix_cache import PrefixCache
 from tokenlean.engine.sequence import Sequence
 from tokenlean.engine.step import step
 from tokenlean.engine.text import TextStream
+from tokenlean.engine.tree_sizer import TreeSizer
 
 log = logging.getLogger("tokenlean.engine")
 MIB = 2**20
@@ -72,72 +75,6 @@ class Work:
     logprobs_sent: int = 0  # seq.logprobs[:logprobs_sent] went out with earlier deltas
 
 
-class TreeSizer:
-    """Draft tree size per sequence for a batch of b decoding sequences: the n maximising
-    b * E(n) / (cost(b * (n + 1) + other tokens) + b * d), with E(n) = 1 + sum of the
-    measured rates at which tree node i (in tree order) is on the accepted path, cost() the
-    forward times measured on this device (spec_decode.budget), extrapolated linearly, and
-    d what speculation costs a sequence per step beyond the forward (proposing, verifying,
-    compacting the cache, the drafter's learning; a running mean), paid whenever n > 0:
-    speculation that costs more than the forwards it saves is switched off."""
-
-    WARMUP_STEPS = 32  # verified trees before the measured rates are trusted
-    EXPLORE = 8
-
-    def __init__(self, costs: dict[int, float], max_nodes: int):
-        self.sizes = sorted(costs)
-        self.costs = [costs[s] for s in self.sizes]
-        self.max_nodes = max_nodes
-        self.accepted = [0] * max_nodes  # steps whose node i was accepted
-        self.offered = [0] * max_nodes  # steps whose tree had a node i
-        self.steps = self.calls = 0
-        self.draft_s = 0.0  # running mean of speculation's own seconds per sequence and step
-
-    DRAFT_WEIGHT = 0.1  # of the newest step in the running mean
-
-    def record(self, tree_len: int, accepted_nodes: list[int], draft_s: float = 0.0) -> None:
-        self.draft_s = draft_s if not self.steps else \
-            (1 - self.DRAFT_WEIGHT) * self.draft_s + self.DRAFT_WEIGHT * draft_s
-        self.steps += 1
-        for i in range(min(tree_len, self.max_nodes)):
-            self.offered[i] += 1
-        for i in accepted_nodes:
-            if i < self.max_nodes:
-                self.accepted[i] += 1
-
-    def cost(self, tokens: int) -> float:
-        sizes, costs = self.sizes, self.costs
-        if tokens <= sizes[0]:
-            return costs[0]
-        for (s0, c0), (s1, c1) in zip(zip(sizes, costs), zip(sizes[1:], costs[1:])):
-            if tokens <= s1:
-                return c0 + (c1 - c0) * (tokens - s0) / (s1 - s0)
-        slope = (costs[-1] - costs[-2]) / (sizes[-1] - sizes[-2])
-        return costs[-1] + slope * (tokens - sizes[-1])
-
-    def explorer(self, batch: int) -> int | None:
-        """Which of the batch's sequences drafts a full tree this step (every EXPLORE-th
-        step, in turn), so that the rates of nodes the chosen size leaves out keep being
-        measured (Token Recycling's matrix improves as it serves). One sequence, not all:
-        full trees for a whole large batch would cost several steps."""
-        return (self.calls // self.EXPLORE) % batch if self.calls % self.EXPLORE == 0 else None
-
-    def nodes(self, batch: int, other_tokens: int = 0) -> int:
-        self.calls += 1
-        if self.steps < self.WARMUP_STEPS:  # full trees until the rates are measured
-            return self.max_nodes
-        rates = [a / o if o else 0.0 for a, o in zip(self.accepted, self.offered)]
-        best, best_rate = 0, batch / self.cost(batch + other_tokens)
-        expected = 1.0
-        for n in range(1, self.max_nodes + 1):
-            expected += rates[n - 1]
-            rate = batch * expected / (self.cost(batch * (n + 1) + other_tokens)
-                                       + batch * self.draft_s)
-            if rate > best_rate:
-                best, best_rate = n, rate
-        return best
-
-
 class Scheduler:
     MIN_CHUNK = 32  # prompt tokens fed per step at least, while any prompt waits
 
@@ -150,6 +87,7 @@ class Scheduler:
         self.reserved = 0  # KV bytes reserved by running sequences
         self.steps = 0
         self.batch_tokens = 0  # tokens fed over all steps (a mean batch size for /metrics)
+        self._sized: tuple[int | None, int | None] = (None, None)  # this step's (nodes, explorer)
 
     @property
     def idle(self) -> bool:
@@ -186,6 +124,7 @@ class Scheduler:
         if not self.running:
             return
         batch, chunks = self._plan()
+        start = time.perf_counter()
         try:
             new = step(self.model, [w.seq for w in batch], chunks)
         except Exception as e:  # a failed forward fails this batch, not the server
@@ -196,6 +135,7 @@ class Scheduler:
             self.running = [w for w in self.running if w not in batch]
             return
         self.steps += 1
+        self._time_step(batch, chunks, new, time.perf_counter() - start)
         for work, tokens in zip(batch, new):
             self._deliver(work, tokens)
         self.running = [w for w in self.running if not w.seq.finished]
@@ -233,6 +173,7 @@ class Scheduler:
         if self.sizer is not None and self.config.adaptive_trees and decoding:
             nodes = self.sizer.nodes(len(decoding))
             explorer = self.sizer.explorer(len(decoding))
+        self._sized = (nodes, explorer)
         used = 0
         for i, work in enumerate(decoding):
             work.seq.max_nodes = cap = self.sizer.max_nodes if i == explorer else nodes
@@ -261,6 +202,15 @@ class Scheduler:
             chunks.append(chunk)
             left = max(left - chunk, 0)
         return batch, chunks
+
+    def _time_step(self, batch: list[Work], chunks: list[int | None], new: list[list[int]],
+                   seconds: float) -> None:
+        """Tell the sizer how fast a pure decoding step ran, drafting or not (steps that
+        fed prompt chunks or gave one sequence an exploring full tree would blur it)."""
+        nodes, explorer = self._sized
+        if nodes is None or explorer is not None or any(c is not None for c in chunks):
+            return
+        self.sizer.record_step(len(batch), nodes > 0, seconds, sum(map(len, new)))
 
     def _deliver(self, work: Work, tokens: list[int]) -> None:
         seq = work.seq

@@ -164,8 +164,8 @@ class Sequence:
         self.spec = SpecStats()
         self.steps = 0
         self.max_nodes: int | None = None  # a cap on draft trees (the scheduler's)
-        # (nodes, accepted, drafter seconds) of the last step
-        self.last_tree: tuple[int, list[int], float] | None = None
+        # (nodes, accepted, drafter seconds, the cap it was drafted under) of the last step
+        self.last_tree: tuple[int, list[int], float, int | None] | None = None
         self.last_draft_s = 0.0
         self.finish_reason: str | None = None
         self.t_start = time.perf_counter()
@@ -263,7 +263,7 @@ class Sequence:
         # what speculation cost this sequence beyond the forward (proposing, verifying,
         # compacting the cache, learning): the sizer weighs it against the tokens it gains
         overhead = self.last_draft_s + time.perf_counter() - t0
-        self.last_tree = (len(tree), accepted.nodes, overhead)
+        self.last_tree = (len(tree), accepted.nodes, overhead, self.max_nodes)
         return self._record(logits[kept.to(logits.device)], self.accept(accepted.tokens))
 
     def prefill_with_policy(self) -> list[int]:

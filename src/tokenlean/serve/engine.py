@@ -17,9 +17,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tokenlean.engine.scheduler import CacheFull, Scheduler, SchedulerConfig, Sink, TreeSizer, Work
+from tokenlean.engine.scheduler import CacheFull, Scheduler, SchedulerConfig, Sink, Work
 from tokenlean.engine.sequence import Sequence
 from tokenlean.engine.text import TextStream
+from tokenlean.engine.tree_sizer import TreeSizer
 from tokenlean.errors import UserError
 from tokenlean.sampling import SamplingParams
 from tokenlean.serve.threads import prepare_worker_thread, release_thread_pool

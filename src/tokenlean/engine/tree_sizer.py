@@ -1,0 +1,147 @@
+"""How many draft-tree nodes each sequence of a batch gets this step, down to none.
+
+A cost model proposes the size (`TreeSizer.nodes`); the step times measured in this
+batch then decide whether drafting is on at all (`Pace`). The cost model alone
+was not enough: its forward costs come from one sequence's forwards, and a batched
+step also pays per-sequence attention, tree planning and verification that the
+curve does not see. On tl-code at 16 streams hybrid ran at 0.71x plain batching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Pace:
+    """Running means of the seconds and new tokens of one kind of step (drafting or not)
+    at one batch size; `tokens_per_s` is their ratio."""
+
+    WEIGHT = 0.15  # of the newest step
+    seconds: float = 0.0
+    tokens: float = 0.0
+    steps: int = 0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        w = 1.0 if not self.steps else self.WEIGHT
+        self.seconds += w * (seconds - self.seconds)
+        self.tokens += w * (tokens - self.tokens)
+        self.steps += 1
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class TreeSizer:
+    """Draft tree size per sequence for a batch of b decoding sequences.
+
+    The model: the n maximising b * E(n) / (cost(b * (1 + T(n)) + other tokens) + b * d),
+    where for tree node i (in tree order) over the steps whose cap let it in,
+    E(n) = 1 + sum_{i<n} P(node i accepted) and T(n) = sum_{i<n} P(node i drafted); cost()
+    is the forward time measured on this device (spec_decode.budget), extrapolated
+    linearly, and d is what speculation costs a sequence per step beyond the forward
+    (proposing, verifying, compacting the cache, learning; a running mean).
+
+    Rates are over the steps that allowed node i, not over the steps that had it: deep
+    nodes exist mostly when the drafter found a long match, which is usually accepted,
+    and counting only those made 20-node trees look worth it for every sequence.
+
+    The measurement: once this batch size has run both ways (`MIN_PACE` steps each),
+    drafting stays on only while its measured tokens per second beat plain decoding's.
+    Every PROBE-th step runs the other way, so both figures follow the workload.
+    """
+
+    WARMUP_STEPS = 32  # verified trees before the measured rates are trusted
+    EXPLORE = 8
+    PROBE = 16
+    MIN_PACE = 3
+    DRAFT_WEIGHT = 0.1  # of the newest step in the running mean of d
+
+    def __init__(self, costs: dict[int, float], max_nodes: int):
+        self.sizes = sorted(costs)
+        self.costs = [costs[s] for s in self.sizes]
+        self.max_nodes = max_nodes
+        self.accepted = [0] * max_nodes  # steps whose node i was accepted
+        self.offered = [0] * max_nodes  # steps whose tree had a node i
+        self.allowed = [0] * max_nodes  # steps whose cap let a node i in
+        self.steps = self.calls = 0
+        self.draft_s = 0.0  # running mean of speculation's own seconds per sequence and step
+        self.paces: dict[tuple[int, bool], Pace] = {}  # (batch, drafting) -> Pace
+
+    def record(self, tree_len: int, accepted_nodes: list[int], draft_s: float = 0.0,
+               cap: int | None = None) -> None:
+        """One sequence's verified tree: `tree_len` nodes under a cap of `cap` (None: the
+        drafter's own size), of which `accepted_nodes` were accepted."""
+        self.draft_s = draft_s if not self.steps else \
+            (1 - self.DRAFT_WEIGHT) * self.draft_s + self.DRAFT_WEIGHT * draft_s
+        self.steps += 1
+        cap = self.max_nodes if cap is None else min(cap, self.max_nodes)
+        for i in range(cap):
+            self.allowed[i] += 1
+        for i in range(min(tree_len, self.max_nodes)):
+            self.offered[i] += 1
+        for i in accepted_nodes:
+            if i < self.max_nodes:
+                self.accepted[i] += 1
+
+    def record_step(self, batch: int, drafting: bool, seconds: float, tokens: int) -> None:
+        """A decoding step of `batch` sequences took `seconds` and gave `tokens` new tokens."""
+        self.paces.setdefault((batch, drafting), Pace()).add(seconds, tokens)
+
+    def cost(self, tokens: float) -> float:
+        sizes, costs = self.sizes, self.costs
+        if tokens <= sizes[0]:
+            return costs[0]
+        for (s0, c0), (s1, c1) in zip(zip(sizes, costs), zip(sizes[1:], costs[1:])):
+            if tokens <= s1:
+                return c0 + (c1 - c0) * (tokens - s0) / (s1 - s0)
+        slope = (costs[-1] - costs[-2]) / (sizes[-1] - sizes[-2])
+        return costs[-1] + slope * (tokens - sizes[-1])
+
+    def explorer(self, batch: int) -> int | None:
+        """Which of the batch's sequences drafts a full tree this step (every EXPLORE-th
+        step, in turn), so that the rates of nodes the chosen size leaves out keep being
+        measured (Token Recycling's matrix improves as it serves). One sequence, not all:
+        full trees for a whole large batch would cost several steps."""
+        return (self.calls // self.EXPLORE) % batch if self.calls % self.EXPLORE == 0 else None
+
+    def nodes(self, batch: int, other_tokens: int = 0) -> int:
+        self.calls += 1
+        if self.steps < self.WARMUP_STEPS:  # full trees until the rates are measured
+            return self.max_nodes
+        best, best_draft = self._modelled(batch, other_tokens)
+        drafting = self._measured(batch)
+        if drafting is None:
+            drafting = best > 0
+        if self.calls % self.PROBE == self.PROBE // 2:  # run the other way now and then
+            drafting = not drafting
+        return best_draft if drafting else 0
+
+    def expected(self) -> list[tuple[float, float]]:
+        """[(E(n), T(n)) for n = 0 .. max_nodes]: the tokens a sequence gains per step and
+        the draft nodes it puts into the forward, under a cap of n nodes."""
+        out = [(1.0, 0.0)]
+        for accepted, offered, allowed in zip(self.accepted, self.offered, self.allowed):
+            e, t = out[-1]
+            out.append((e + accepted / allowed, t + offered / allowed) if allowed else (e, t))
+        return out
+
+    def _modelled(self, batch: int, other_tokens: int) -> tuple[int, int]:
+        """(the modelled best size, 0 included; the best size above 0)."""
+        plain = batch / self.cost(batch + other_tokens)
+        best_draft, best_rate = 0, 0.0
+        for n, (expected, drafted) in enumerate(self.expected()[1:], start=1):
+            rate = batch * expected / (self.cost(batch * (1 + drafted) + other_tokens)
+                                       + batch * self.draft_s)
+            if rate > best_rate:
+                best_draft, best_rate = n, rate
+        return (best_draft if best_rate > plain else 0), best_draft
+
+    def _measured(self, batch: int) -> bool | None:
+        """Whether drafting ran faster than plain decoding at this batch size; None until
+        both have run MIN_PACE steps."""
+        on, off = self.paces.get((batch, True)), self.paces.get((batch, False))
+        if on is None or off is None or min(on.steps, off.steps) < self.MIN_PACE:
+            return None
+        return on.tokens_per_s > off.tokens_per_s
