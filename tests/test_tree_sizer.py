@@ -29,7 +29,7 @@ def test_tree_sizer_follows_the_cost_curve():
     explorers = []
     for _ in range(3 * TreeSizer.EXPLORE):
         n = steep.nodes(16)
-        probing = steep.calls % TreeSizer.PROBE == TreeSizer.PROBE // 2
+        probing = steep.calls % TreeSizer.PROBE == 0  # nothing measured: every PROBE-th
         assert (n > 0) == probing  # a probe drafts now and then (the measured pace)
         explorers.append(steep.explorer(16))
     chosen = [e for e in explorers if e is not None]
@@ -78,23 +78,23 @@ def _past_warmup(costs) -> TreeSizer:
     return sizer
 
 
-def _nodes(sizer: TreeSizer, batch: int) -> list[int]:
-    """The sizes chosen over one PROBE period, exploration and probe steps included."""
-    return [sizer.nodes(batch) for _ in range(TreeSizer.PROBE)]
+def _nodes(sizer: TreeSizer, batch: int, periods: int = 1) -> list[int]:
+    """The sizes chosen over `periods` PROBE periods, exploration and probe steps included."""
+    return [sizer.nodes(batch) for _ in range(periods * TreeSizer.PROBE)]
 
 
 def test_measured_pace_switches_drafting_off_when_the_model_is_wrong():
     """The model says draft (flat costs), but this batch size measured drafting steps at
-    half plain decoding's tokens per second: drafting goes off, except one probe step per
-    period that keeps the figure current. Another batch size, unmeasured, follows the
-    model."""
+    half plain decoding's tokens per second: drafting goes off, except a probe step that
+    keeps the figure current, spaced by how much longer a drafting step took (twice: one
+    probe in two periods). Another batch size, unmeasured, follows the model."""
     sizer = _past_warmup({s: 1.0 for s in (1, 4, 16, 64)})
     assert _nodes(sizer, 4).count(2) == TreeSizer.PROBE - 1  # one probe runs plain
     for _ in range(TreeSizer.MIN_PACE):
         sizer.record_step(4, True, seconds=0.4, tokens=4)  # 10 tokens/s drafting
         sizer.record_step(4, False, seconds=0.2, tokens=4)  # 20 tokens/s plain
-    chosen = _nodes(sizer, 4)
-    assert chosen.count(0) == TreeSizer.PROBE - 1 and chosen.count(2) == 1
+    chosen = _nodes(sizer, 4, periods=4)
+    assert chosen.count(2) == 2 and chosen.count(0) == 4 * TreeSizer.PROBE - 2
     assert _nodes(sizer, 8).count(2) == TreeSizer.PROBE - 1
     # the workload changes: drafting measures faster again and comes back on
     for _ in range(20):
