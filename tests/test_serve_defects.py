@@ -289,9 +289,6 @@ def test_completion_logprobs_echo_and_penalties(slow):
             events = [json.loads(e[6:]) for e in s.read().decode().split("\n\n")
                       if e.startswith("data: {")]
         assert "".join(c["text"] for e in events for c in e["choices"]) == text
-        err = _error(client.post("/v1/completions", json={"prompt": prompt, "echo": True,
-                                                          "logprobs": 1}), 400)
-        assert err["param"] == "echo"
 
         # penalties: applied as offline applies them, and range-checked
         prompt = "import os\n"
@@ -306,6 +303,68 @@ def test_completion_logprobs_echo_and_penalties(slow):
         err = _error(client.post("/v1/completions", json={"prompt": prompt,
                                                           "presence_penalty": 2.5}), 400)
         assert err["param"] == "presence_penalty"
+
+
+def _sse_events(client, body: dict) -> list[dict]:
+    with client.stream("POST", "/v1/completions", json=body) as s:
+        return [json.loads(e[6:]) for e in s.read().decode().split("\n\n")
+                if e.startswith("data: {")]
+
+
+def test_echo_with_logprobs_scores_the_prompt(slow):
+    """echo + logprobs: every prompt token's logprob (the first has none: null), then the
+    completion's, as one full-prompt forward gives them, however the prompt is chunked,
+    streamed or not, and never from a reused cached prefix (which has no logits)."""
+    import torch
+    from starlette.testclient import TestClient
+
+    from tokenlean.engine.scheduler import SchedulerConfig
+
+    prompt = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(self, x, y):\n" \
+             "        self.x = x\n        self.y = y\n\n    def norm(self):\n"
+    ids = slow.encode(prompt)
+    assert len(ids) > 32  # two prefix-cache blocks: a cached prefix would be found
+    with torch.inference_mode():
+        logp = slow.model._model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    want = [logp[i, t].item() for i, t in enumerate(ids[1:])]
+    best = [logp[i].max().item() for i in range(len(ids) - 1)]
+    config = SchedulerConfig(prefill_chunk=5)  # the prompt goes in over several steps
+    with TestClient(_app(slow, scheduler=config)) as client:
+        body = {"prompt": prompt, "max_tokens": 4, "echo": True, "logprobs": 2, "temperature": 0}
+        plain = client.post("/v1/completions", json={**body, "echo": False}).json()
+        for _ in range(2):  # the second finds the prompt in the prefix cache: not reused
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            lp = choice["logprobs"]
+            n = len(ids) + r.json()["usage"]["completion_tokens"]
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == n
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(want, abs=1e-4)
+            tops = lp["top_logprobs"][1 : len(ids)]
+            assert [max(t.values()) for t in tops] == pytest.approx(best, abs=1e-4)
+            assert all(1 <= len(t) <= 2 for t in tops)
+            assert lp["token_logprobs"][len(ids):] == plain["choices"][0]["logprobs"]["token_logprobs"]
+            assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(n)]
+            assert choice["text"] == prompt + plain["choices"][0]["text"]
+        events = _sse_events(client, {**body, "stream": True})
+        chunks = [c for e in events for c in e["choices"]]
+        assert chunks[0]["text"] == prompt  # the echo, with the prompt's logprobs
+        assert len(chunks[0]["logprobs"]["tokens"]) == len(ids)
+        streamed = [t for c in chunks if c["logprobs"] for t in c["logprobs"]["token_logprobs"]]
+        assert streamed == pytest.approx(lp["token_logprobs"], abs=1e-6)
+        assert "".join(c["text"] for c in chunks) == choice["text"]
+
+
+def test_prompt_logprobs_refused_with_a_kv_policy(slow):
+    from tokenlean.engine.sequence import Sequence
+    from tokenlean.errors import UserError
+    from tokenlean.kv.registry import KVConfig
+    from tokenlean.sampling import SamplingParams
+
+    policy = KVConfig("streaming", 0.5).make()
+    with pytest.raises(UserError, match="echo with logprobs"):
+        Sequence(slow.model, [1, 2, 3], 4, SamplingParams(), policy=policy, prompt_logprobs=True)
 
 
 def test_chat_logprobs(slow):

@@ -59,6 +59,9 @@ class Sink:
         """New text; with `logprobs` asked for, the TokenLogprobs of the tokens behind it
         (sent even when the text is held back, e.g. a partial character)."""
 
+    def prompt(self, logprobs: list) -> None:
+        """The prompt's own TokenLogprobs (when asked for), once its prefill is done."""
+
     def done(self, result) -> None: ...
 
     def stopped(self, reason: str) -> None: ...
@@ -73,6 +76,7 @@ class Work:
     sink: Sink
     stored: bool = False  # its prompt went into the prefix cache
     logprobs_sent: int = 0  # seq.logprobs[:logprobs_sent] went out with earlier deltas
+    prompt_sent: bool = False  # the prompt's logprobs went out
 
 
 class Scheduler:
@@ -159,7 +163,9 @@ class Scheduler:
             seq = work.seq
             seq.allocate()
             self.reserved += seq.kv_bytes()
-            if seq.policy is None and self.config.prefix_cache_mb > 0:
+            # a sequence scoring its own prompt (echo with logprobs) must feed all of it
+            scores_prompt = seq.prompt_logprobs is not None
+            if seq.policy is None and not scores_prompt and self.config.prefix_cache_mb > 0:
                 hit = self.prefix.lookup(seq.feed)
                 if hit is not None:
                     seq.reuse(*hit)
@@ -221,6 +227,9 @@ class Scheduler:
         if not work.stored and not seq.prefilling and seq.policy is None and self.config.prefix_cache_mb > 0:
             self.prefix.store(seq.feed, seq.cache)
             work.stored = True
+        if seq.prompt_logprobs is not None and not work.prompt_sent and not seq.prefilling:
+            work.sink.prompt(seq.prompt_logprobs)
+            work.prompt_sent = True
         if not tokens:
             return
         delta = work.text.push(tokens)

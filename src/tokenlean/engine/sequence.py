@@ -56,6 +56,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     stats: dict = field(default_factory=dict)
     logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token after the first
 
     def to_json(self) -> dict:
         return {
@@ -127,17 +128,23 @@ class Sequence:
     def __init__(self, model, prompt_ids: list[int], max_new_tokens: int,
                  sampling: SamplingParams, *, drafter=None, policy=None,
                  question_ids: list[int] | None = None, stop_ids=(), method: str = "greedy",
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, prompt_logprobs: bool = False):
         """`drafter`: the method's shared drafter (this sequence opens its own session);
         `policy`: a fresh CachePolicy; `question_ids`: fed after the prompt was prefilled
         (and compressed), before the first token is chosen (kvpress's protocol);
-        `logprobs`: None, or record each new token's logprob and this many alternatives.
+        `logprobs`: None, or record each new token's logprob and this many alternatives;
+        `prompt_logprobs`: also each prompt token's (from its second on; OpenAI's echo
+        with logprobs), which scores every prompt position, so no cached prefix is reused.
         Penalties depend on the tokens before each position, which a draft tree's
         verification does not apply: a penalized sequence decodes without drafting."""
         if sampling.penalized:
             drafter = None
         if policy is not None:
             check_with_drafting(policy.name, drafter is not None)
+            if prompt_logprobs:
+                raise UserError("the prompt's own logprobs (echo with logprobs) need every "
+                                "prompt position scored; a KV cache policy compresses the "
+                                "prompt in its own forward, which scores only the last")
         self.model, self.sampling, self.policy, self.method = model, sampling, policy, method
         question_ids = list(question_ids or [])
         context = model.config.max_position_embeddings
@@ -157,6 +164,8 @@ class Sequence:
         self.out: list[int] = []
         self.top_logprobs = logprobs
         self.logprobs: list[TokenLogprob] | None = [] if logprobs is not None else None
+        # feed[1:]'s logprobs, filled as the prompt is prefilled (None: not asked for)
+        self.prompt_logprobs: list[TokenLogprob] | None = [] if prompt_logprobs else None
         self.counts = (torch.zeros(model.config.vocab_size, device=model.device)
                        if sampling.penalized else None)  # generated-token counts
         self.history = list(self.feed)  # what the drafter looks at
@@ -215,8 +224,9 @@ class Sequence:
             n = len(self.feed) - self.fed if chunk is None else min(chunk, len(self.feed) - self.fed)
             tokens = torch.tensor(self.feed[self.fed : self.fed + n], device=device)
             last = self.fed + n == len(self.feed)
+            wanted = None if self.prompt_logprobs is not None else 1 if last else 0
             return Plan(Segment(tokens, torch.arange(start, start + n, device=device), self.cache,
-                                logits_for=1 if last else 0), prefill=n)
+                                logits_for=wanted), prefill=n)
         root = self.out[-1]  # chosen, not yet in the cache
         tree = self._draft()
         if tree is None:  # plain decoding: one token per forward
@@ -242,6 +252,9 @@ class Sequence:
     def take(self, plan: Plan, logits: torch.Tensor) -> list[int]:
         """The logits of this sequence's segment -> the tokens it accepts this step."""
         if plan.prefill:
+            scored = self.feed[self.fed + 1 : self.fed + 1 + plan.prefill]  # by rows 0, 1, ..
+            if self.prompt_logprobs is not None and scored:
+                self.prompt_logprobs += token_logprobs(logits, scored, self.top_logprobs or 0)
             self.fed += plan.prefill
             if self.prefilling:
                 return []
@@ -361,4 +374,5 @@ class Sequence:
                                 prompt_tokens=len(self.prompt_ids),
                                 completion_tokens=len(self.out),
                                 finish_reason=self.finish_reason or "length", stats=self.stats(),
-                                logprobs=list(self.logprobs) if self.logprobs is not None else None)
+                                logprobs=list(self.logprobs) if self.logprobs is not None else None,
+                                prompt_logprobs=self.prompt_logprobs)

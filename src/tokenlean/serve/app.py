@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenlean.decode import check_prompt
 from tokenlean.engine.scheduler import CacheFull, SchedulerConfig
+from tokenlean.engine.sequence import TokenLogprob
 from tokenlean.errors import UserError
 from tokenlean.sampling import SamplingParams
 from tokenlean.serve.engine import (
@@ -284,7 +285,8 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
         return await asyncio.to_thread(lm.encode, text)
 
     def make_job(prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
-                 stop: list[str], param: str, logprobs: int | None = None) -> Job:
+                 stop: list[str], param: str, logprobs: int | None = None,
+                 prompt_logprobs: bool = False) -> Job:
         try:
             check_prompt(prompt_ids, lm.context, max_tokens)
         except UserError as e:
@@ -294,7 +296,7 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
         if any(t < 0 or t >= lm.model.config.vocab_size for t in prompt_ids):
             raise ApiError(400, "prompt token ids must be in [0, vocab size)", param=param)
         job = Job(prompt_ids, max_tokens, sampling, stop, asyncio.get_running_loop(),
-                  timeout=request_timeout, logprobs=logprobs)
+                  timeout=request_timeout, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         try:
             engine.submit(job)
         except QueueFull as e:
@@ -310,16 +312,17 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
                 raise ApiError(400, "one prompt per request (a list of one string is accepted)",
                                param="prompt", code="unsupported_value")
             prompt = prompt[0]
-        if body.echo and body.logprobs is not None:
-            raise ApiError(400, "echo with logprobs (the prompt's own logprobs) is not "
-                           "supported; ask for one or the other", param="echo",
-                           code="unsupported_value")
         ids = await tokenize(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
         max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
-        job = make_job(ids, max_tokens, sampling, body.stop_list(), "prompt", body.logprobs)
+        scores_prompt = body.echo and body.logprobs is not None  # the prompt's own logprobs
+        job = make_job(ids, max_tokens, sampling, body.stop_list(), "prompt", body.logprobs,
+                       scores_prompt)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = (prompt if isinstance(prompt, str) else lm.tokenizer.decode(ids)) if body.echo else ""
-        offset = [len(echo)]  # text_offset of the next token
+        offset = [0 if scores_prompt else len(echo)]  # text_offset of the next token
+
+        def with_first(prompt_lps: list) -> list:  # the first prompt token has no logprob
+            return [TokenLogprob(ids[0], None, None), *prompt_lps]
 
         def chunk(text: str, finish: str | None, logprobs=None) -> dict:
             return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
@@ -328,14 +331,18 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
                                  if body.logprobs is not None else None,
                                  "finish_reason": finish}]}
 
-        if body.stream:
-            first = chunk(echo, None) if echo else None
+        if body.stream:  # the echo goes first; with logprobs, once the prompt is scored
+            first = chunk(echo, None) if echo and not scores_prompt else None
+            on_prompt = (lambda lps: chunk(echo, None, with_first(lps))) if scores_prompt else None
             return _sse(job, metrics, body.include_usage, lambda d, lp: chunk(d, None, lp),
                         lambda r: chunk("", r.finish_reason, []),
                         {"id": rid, "object": "text_completion", "created": now,
-                         "model": model_id, "choices": []}, first)
+                         "model": model_id, "choices": []}, first, on_prompt)
         result = await _collect(job, metrics, request)
-        out = chunk(echo + result.text, result.finish_reason, result.logprobs)
+        logprobs = result.logprobs
+        if scores_prompt:
+            logprobs = with_first(result.prompt_logprobs) + logprobs
+        out = chunk(echo + result.text, result.finish_reason, logprobs)
         out["usage"] = _usage(result)
         return out
 
@@ -396,7 +403,8 @@ def create_app(lm, method: str = "greedy", method_args: dict | None = None, kv=N
             text = token_text(lp.token)
             out["tokens"].append(text)
             out["token_logprobs"].append(lp.logprob)
-            out["top_logprobs"].append({token_text(t): v for t, v in lp.top})
+            out["top_logprobs"].append(None if lp.top is None
+                                       else {token_text(t): v for t, v in lp.top})
             out["text_offset"].append(offset[0])
             offset[0] += len(text)
         return out
@@ -614,32 +622,33 @@ def _error_event(exc: Exception) -> dict:
 
 
 def _sse(job: Job, metrics: Metrics, include_usage: bool, on_delta, on_final, usage_base: dict,
-         first: dict | None = None):
-    """Server-sent events: `first` (e.g. the echoed prompt), a chunk per delta (text, and the
+         first: dict | None = None, on_prompt=None):
+    """Server-sent events: `first` (e.g. the echoed prompt), the chunk `on_prompt` makes of
+    the prompt's logprobs when they were asked for, a chunk per delta (text, and the
     logprobs of the tokens behind it when asked for), the final chunk, usage, [DONE]."""
     def line(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    def content(obj: dict) -> str:  # a content chunk: "usage": null while usage is on
+        if include_usage:
+            obj["usage"] = None
+        return line(obj)
+
     async def events():
         try:
             if first is not None:
-                if include_usage:
-                    first["usage"] = None
-                yield line(first)
+                yield content(first)
             while True:
                 kind, value = await _next_event(job, metrics)
-                if kind == "delta":
+                if kind == "prompt":
+                    if on_prompt is not None:
+                        yield content(on_prompt(value))
+                elif kind == "delta":
                     text, logprobs = value
                     if text or logprobs:
-                        chunk = on_delta(text, logprobs)
-                        if include_usage:
-                            chunk["usage"] = None
-                        yield line(chunk)
+                        yield content(on_delta(text, logprobs))
                 elif kind == "done":
-                    chunk = on_final(value)
-                    if include_usage:
-                        chunk["usage"] = None
-                    yield line(chunk)
+                    yield content(on_final(value))
                     if include_usage:
                         yield line({**usage_base, "usage": _usage(value)})
                     break

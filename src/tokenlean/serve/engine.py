@@ -52,6 +52,7 @@ class Job:
     arrival: float = field(default_factory=time.perf_counter)
     timeout: float | None = None  # seconds from arrival; None = no limit
     logprobs: int | None = None  # None: no logprobs; k: each token's and k alternatives
+    prompt_logprobs: bool = False  # the prompt's own logprobs too (echo with logprobs)
 
     @property
     def deadline(self) -> float | None:
@@ -67,7 +68,7 @@ class Job:
 
     def send(self, kind: str, value) -> None:
         """From the worker thread: ("delta", (text, logprobs or None)) |
-        ("done", GenerationResult) | ("error", exc)."""
+        ("prompt", the prompt's logprobs) | ("done", GenerationResult) | ("error", exc)."""
         try:
             self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is closed (server shutting down)
@@ -107,6 +108,9 @@ class JobSink(Sink):
                     self.metrics.itl.observe(now - self.last)
             self.last = now
         self.job.send("delta", (text, logprobs))
+
+    def prompt(self, logprobs: list) -> None:
+        self.job.send("prompt", logprobs)
 
     def done(self, result) -> None:
         if self.metrics:
@@ -219,7 +223,7 @@ class Engine:
             seq = Sequence(lm.model, job.prompt_ids, job.max_tokens, job.sampling,
                            drafter=self.drafter, policy=self.kv.make() if self.kv else None,
                            stop_ids=lm.tokenizer.eos_ids, method=self.method,
-                           logprobs=job.logprobs)
+                           logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs)
             self.scheduler.add(Work(seq, TextStream(lm.tokenizer, job.stop, seq.stop_ids), sink))
         except (UserError, CacheFull) as e:
             job.send("error", e)
