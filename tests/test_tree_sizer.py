@@ -25,13 +25,21 @@ def test_tree_sizer_follows_the_cost_curve():
     assert nodes(knee, 1) == 2 and nodes(knee, 32) == 0
     warming = TreeSizer({1: 1.0, 64: 64.0}, max_nodes=12)
     assert warming.nodes(32) == 12  # full trees until the rates are measured
-    # every EXPLORE-th step one sequence of the batch, in turn, drafts a full tree
-    explorers = []
+    # a batch that does not draft explores nothing; its probe steps draft, alone
     for _ in range(3 * TreeSizer.EXPLORE):
         n = steep.nodes(16)
         probing = steep.calls % TreeSizer.PROBE == 0  # nothing measured: every PROBE-th
         assert (n > 0) == probing  # a probe drafts now and then (the measured pace)
-        explorers.append(steep.explorer(16))
+        assert steep.explorer(16) is None
+    # a drafting batch: every EXPLORE-th step one sequence, in turn, drafts a full tree,
+    # never on a probe step (its time must be the probed way's alone)
+    explorers = []
+    for _ in range(6 * TreeSizer.EXPLORE):
+        n = flat.nodes(16)
+        probing = flat.calls % TreeSizer.PROBE == 0
+        assert (n == 0) == probing
+        explorers.append(flat.explorer(16))
+        assert explorers[-1] is None or not probing
     chosen = [e for e in explorers if e is not None]
     assert len(chosen) == 3 and len(set(chosen)) == 3 and all(0 <= e < 16 for e in chosen)
 

@@ -72,6 +72,7 @@ class TreeSizer:
         self.draft_s = 0.0  # running mean of speculation's own seconds per sequence and step
         self.paces: dict[tuple[int, bool], Pace] = {}  # (batch, drafting) -> Pace
         self.probed: dict[int, int] = {}  # batch size -> the call of its last probe
+        self._last = (max_nodes, False)  # the last call's (nodes, whether it probed)
 
     def record(self, tree_len: int, accepted_nodes: list[int], draft_s: float = 0.0,
                cap: int | None = None) -> None:
@@ -107,20 +108,28 @@ class TreeSizer:
         """Which of the batch's sequences drafts a full tree this step (every EXPLORE-th
         step, in turn), so that the rates of nodes the chosen size leaves out keep being
         measured (Token Recycling's matrix improves as it serves). One sequence, not all:
-        full trees for a whole large batch would cost several steps."""
-        return (self.calls // self.EXPLORE) % batch if self.calls % self.EXPLORE == 0 else None
+        full trees for a whole large batch would cost several steps. Call after `nodes`.
+        None while the batch is not drafting (its probes measure drafting; a full tree
+        beside 16 plain rows cost SmolLM2 about 5 % of its throughput) and on a probe
+        step (whose time must be the probed way's alone)."""
+        if self.calls % self.EXPLORE or self._last == (0, False) or self._last[1]:
+            return None
+        return (self.calls // self.EXPLORE) % batch
 
     def nodes(self, batch: int, other_tokens: int = 0) -> int:
         self.calls += 1
         if self.steps < self.WARMUP_STEPS:  # full trees until the rates are measured
+            self._last = (self.max_nodes, False)
             return self.max_nodes
         best, best_draft = self._modelled(batch, other_tokens)
         drafting = self._measured(batch)
         if drafting is None:
             drafting = best > 0
-        if self._probe_due(batch, drafting):  # run the other way now and then
+        probing = self._probe_due(batch, drafting)
+        if probing:  # run the other way now and then
             drafting = not drafting
-        return best_draft if drafting else 0
+        self._last = (best_draft if drafting else 0, probing)
+        return self._last[0]
 
     def _probe_due(self, batch: int, drafting: bool) -> bool:
         interval = self.PROBE
