@@ -117,3 +117,17 @@ def test_measured_pace_switches_drafting_on_when_the_model_is_too_cautious():
         sizer.record_step(2, True, seconds=0.1, tokens=6)
         sizer.record_step(2, False, seconds=0.1, tokens=2)
     assert sum(n > 0 for n in _nodes(sizer, 2)) == TreeSizer.PROBE - 1
+
+
+def test_a_drafting_probe_is_kept_cheap():
+    """A probe that drafts while plain decoding is chosen uses the largest tree whose
+    modelled forward costs at most PROBE_COST plain steps, not the model's best size."""
+    sizer = TreeSizer({1: 1.0, 16: 1.0, 32: 2.0, 64: 4.0, 512: 32.0}, max_nodes=12)
+    for _ in range(TreeSizer.WARMUP_STEPS):
+        sizer.record(12, list(range(12)))  # every node accepted: the model wants 12
+    for _ in range(TreeSizer.MIN_PACE):  # but measured, drafting loses at 16 sequences
+        sizer.record_step(16, True, seconds=1.0, tokens=16)
+        sizer.record_step(16, False, seconds=0.1, tokens=16)
+    chosen = [n for n in _nodes(sizer, 16, periods=12) if n]
+    assert chosen and set(chosen) == {1}  # 16 x 2 tokens cost 2.0 = 2 plain steps; 3 nodes, more
+    assert _nodes(sizer, 1).count(12) == TreeSizer.PROBE - 1  # unmeasured: the model's size

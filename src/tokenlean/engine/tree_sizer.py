@@ -128,8 +128,24 @@ class TreeSizer:
         probing = self._probe_due(batch, drafting)
         if probing:  # run the other way now and then
             drafting = not drafting
-        self._last = (best_draft if drafting else 0, probing)
-        return self._last[0]
+        n = best_draft if drafting else 0
+        if probing and drafting:
+            n = self._affordable(batch, best_draft)
+        self._last = (n, probing)
+        return n
+
+    PROBE_COST = 2.0  # a drafting probe's modelled forward, at most this many plain ones
+
+    def _affordable(self, batch: int, most: int) -> int:
+        """The largest tree, at most `most` nodes, whose modelled forward costs at most
+        PROBE_COST plain steps: a fresh server's first probes at 16 sequences, with 23-node
+        trees, each cost ten plain steps."""
+        limit = self.PROBE_COST * self.cost(batch)
+        expected = self.expected()
+        n = 1
+        while n < most and self.cost(batch * (1 + expected[n + 1][1])) <= limit:
+            n += 1
+        return n
 
     def _probe_due(self, batch: int, drafting: bool) -> bool:
         interval = self.PROBE
