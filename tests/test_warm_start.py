@@ -4,6 +4,8 @@ process, and the modes that keep timings reproducible (base) or start empty (col
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,21 @@ def test_tl_code_ships_its_matrix():
     assert (shipped[:, 0] >= 0).mean() > 0.5  # most of the vocabulary has candidates
     drafter = lm.drafter("recycling", {"warm": "base"})
     assert np.array_equal(drafter.matrix, shipped)
+
+
+def test_zoo_matrix_command_builds_the_matrix(tiny_model_dir, capsys, monkeypatch, tmp_path):
+    """`tokenlean zoo matrix NAME`: a model outside the zoo gets its built matrix in the
+    state directory, where the next process starts from it."""
+    from cli_run import assert_user_error, run_cli
+
+    monkeypatch.setenv("TOKENLEAN_STATE", str(tmp_path))
+    rc, out, err = run_cli(capsys, "zoo", "matrix", tiny_model_dir, "--tokens", 300, "--k", 4)
+    assert rc == 0, err
+    path = Path(out.strip())
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    matrix = np.load(path)
+    assert matrix.shape[1] == 4 and (matrix >= 0).any()
+    from tokenlean.lm import load
+
+    assert path == warm_start.base_path(load(str(tiny_model_dir), device="cpu", dtype="fp32"))
+    assert_user_error(*run_cli(capsys, "zoo", "matrix", tmp_path / "nowhere"), "nowhere")

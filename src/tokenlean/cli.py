@@ -254,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "its card (README.md and card.json in its folder).")
     zc.add_argument("name", help="tl-code or tl-code-draft")
     zc.add_argument("--quick", action="store_true", help="fewer evaluation samples")
+    zm = zsub.add_parser("matrix", help="build the Token Recycling matrix a zoo model ships",
+                         description="Score the zoo model's training corpus and write the "
+                         "Token Recycling matrix its `recycling` and `hybrid` methods start "
+                         "from (recycling-matrix.npy in its folder; another model's goes to "
+                         "the state directory).")
+    zm.add_argument("name", help="tl-code (or any model name or folder)")
+    zm.add_argument("--tokens", type=_positive_int, default=400_000, help="corpus tokens scored")
+    zm.add_argument("--k", type=_positive_int, default=8, help="candidates kept per token")
 
     b = sub.add_parser("bench", help="benchmarks side by side with the peers",
                        description="Benchmarks: tokenlean vs transformers on the same weights.")
@@ -551,8 +559,14 @@ def cmd_zoo(args) -> int:
         build.export(args.name)
     elif args.zoo_command == "card":
         build.write_card(args.name, quick=args.quick)
+    elif args.zoo_command == "matrix":
+        from tokenlean.lm import load
+        from tokenlean.spec_decode.warm_start import write_shipped_matrix
+
+        print(write_shipped_matrix(load(args.name), args.name, args.tokens, args.k))
     else:
-        raise UserError("zoo needs a command: train, export or card (see tokenlean zoo --help)")
+        raise UserError("zoo needs a command: train, export, card or matrix "
+                        "(see tokenlean zoo --help)")
     return 0
 
 

@@ -170,24 +170,12 @@ def save_atomic(path: Path, matrix: np.ndarray) -> None:
         raise
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Build the matrix a zoo model ships: python -m tokenlean.spec_decode.warm_start tl-code"""
-    import argparse
-
-    from tokenlean.lm import load
+def write_shipped_matrix(lm, name: str, tokens: int = 400_000, k: int = 8) -> Path:
+    """Build the matrix a zoo model ships (`tokenlean zoo matrix tl-code`) from `tokens`
+    of its corpus; another model's goes where a built one is kept. Returns the path."""
     from tokenlean.zoo import zoo_path
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("model")
-    parser.add_argument("--tokens", type=int, default=400_000, help="corpus tokens scored")
-    parser.add_argument("--k", type=int, default=8)
-    args = parser.parse_args(argv)
-    lm = load(args.model)
-    folder = zoo_path(args.model)
+    folder = zoo_path(name)
     out = folder / SHIPPED_NAME if folder else base_path(lm)
-    save_atomic(out, build_matrix(lm.model, corpus_ids(lm.tokenizer, args.tokens), args.k))
-    print(out)
-
-
-if __name__ == "__main__":
-    main()
+    save_atomic(out, build_matrix(lm.model, corpus_ids(lm.tokenizer, tokens), k))
+    return out
