@@ -260,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "from (recycling-matrix.npy in its folder; another model's goes to "
                          "the state directory).")
     zm.add_argument("name", help="tl-code (or any model name or folder)")
-    zm.add_argument("--tokens", type=_positive_int, default=400_000, help="corpus tokens scored")
-    zm.add_argument("--k", type=_positive_int, default=8, help="candidates kept per token")
+    zm.add_argument("--tokens", type=_positive_int, default=400_000,
+                    help="corpus tokens scored (default 400000)")
+    zm.add_argument("--k", type=_positive_int, default=8,
+                    help="candidates kept per token (default 8)")
 
     b = sub.add_parser("bench", help="benchmarks side by side with the peers",
                        description="Benchmarks: tokenlean vs transformers on the same weights.")
