@@ -252,9 +252,11 @@ class Sequence:
     def take(self, plan: Plan, logits: torch.Tensor) -> list[int]:
         """The logits of this sequence's segment -> the tokens it accepts this step."""
         if plan.prefill:
-            scored = self.feed[self.fed + 1 : self.fed + 1 + plan.prefill]  # by rows 0, 1, ..
-            if self.prompt_logprobs is not None and scored:
-                self.prompt_logprobs += token_logprobs(logits, scored, self.top_logprobs or 0)
+            if self.prompt_logprobs is not None:  # row i scores feed[fed + i + 1]
+                scored = self.feed[self.fed + 1 : self.fed + 1 + plan.prefill]
+                if scored:
+                    self.prompt_logprobs += token_logprobs(logits, scored,
+                                                           self.top_logprobs or 0)
             self.fed += plan.prefill
             if self.prefilling:
                 return []

@@ -66,8 +66,10 @@ class TreeSizer:
         self.costs = [costs[s] for s in self.sizes]
         self.max_nodes = max_nodes
         self.accepted = [0] * max_nodes  # steps whose node i was accepted
-        self.offered = [0] * max_nodes  # steps whose tree had a node i
-        self.allowed = [0] * max_nodes  # steps whose cap let a node i in
+        # steps by tree length and by cap (0 .. max_nodes): what `offered` and `allowed`
+        # are summed from, so that recording a tree costs no loop over its cap
+        self.lengths = [0] * (max_nodes + 1)
+        self.caps = [0] * (max_nodes + 1)
         self.steps = self.calls = 0
         self.draft_s = 0.0  # running mean of speculation's own seconds per sequence and step
         self.paces: dict[tuple[int, bool], Pace] = {}  # (batch, drafting) -> Pace
@@ -81,14 +83,21 @@ class TreeSizer:
         self.draft_s = draft_s if not self.steps else \
             (1 - self.DRAFT_WEIGHT) * self.draft_s + self.DRAFT_WEIGHT * draft_s
         self.steps += 1
-        cap = self.max_nodes if cap is None else min(cap, self.max_nodes)
-        for i in range(cap):
-            self.allowed[i] += 1
-        for i in range(min(tree_len, self.max_nodes)):
-            self.offered[i] += 1
+        self.caps[self.max_nodes if cap is None else min(cap, self.max_nodes)] += 1
+        self.lengths[min(tree_len, self.max_nodes)] += 1
         for i in accepted_nodes:
             if i < self.max_nodes:
                 self.accepted[i] += 1
+
+    @property
+    def offered(self) -> list[int]:
+        """Steps whose tree had a node i, for each i."""
+        return _at_least(self.lengths)
+
+    @property
+    def allowed(self) -> list[int]:
+        """Steps whose cap let a node i in, for each i."""
+        return _at_least(self.caps)
 
     def record_step(self, batch: int, drafting: bool, seconds: float, tokens: int) -> None:
         """A decoding step of `batch` sequences took `seconds` and gave `tokens` new tokens."""
@@ -112,7 +121,8 @@ class TreeSizer:
         None while the batch is not drafting (its probes measure drafting; a full tree
         beside 16 plain rows cost SmolLM2 about 5 % of its throughput) and on a probe
         step (whose time must be the probed way's alone)."""
-        if self.calls % self.EXPLORE or self._last == (0, False) or self._last[1]:
+        nodes, probing = self._last
+        if self.calls % self.EXPLORE or not nodes or probing:
             return None
         return (self.calls // self.EXPLORE) % batch
 
@@ -121,7 +131,8 @@ class TreeSizer:
         if self.steps < self.WARMUP_STEPS:  # full trees until the rates are measured
             self._last = (self.max_nodes, False)
             return self.max_nodes
-        best, best_draft = self._modelled(batch, other_tokens)
+        expected = self.expected()
+        best, best_draft = self._modelled(batch, other_tokens, expected)
         drafting = self._measured(batch)
         if drafting is None:
             drafting = best > 0
@@ -130,18 +141,17 @@ class TreeSizer:
             drafting = not drafting
         n = best_draft if drafting else 0
         if probing and drafting:
-            n = self._affordable(batch, best_draft)
+            n = self._affordable(batch, best_draft, expected)
         self._last = (n, probing)
         return n
 
     PROBE_COST = 2.0  # a drafting probe's modelled forward, at most this many plain ones
 
-    def _affordable(self, batch: int, most: int) -> int:
+    def _affordable(self, batch: int, most: int, expected: list[tuple[float, float]]) -> int:
         """The largest tree, at most `most` nodes, whose modelled forward costs at most
         PROBE_COST plain steps: a fresh server's first probes at 16 sequences, with 23-node
         trees, each cost ten plain steps."""
         limit = self.PROBE_COST * self.cost(batch)
-        expected = self.expected()
         n = 1
         while n < most and self.cost(batch * (1 + expected[n + 1][1])) <= limit:
             n += 1
@@ -149,7 +159,7 @@ class TreeSizer:
 
     def _probe_due(self, batch: int, drafting: bool) -> bool:
         interval = self.PROBE
-        on, off = self.paces.get((batch, True)), self.paces.get((batch, False))
+        on, off = self._paces(batch)
         if not drafting and on is not None and off is not None and off.seconds > 0:
             interval = round(self.PROBE * max(1.0, on.seconds / off.seconds))
         if self.calls - self.probed.get(batch, 0) < interval:
@@ -166,12 +176,13 @@ class TreeSizer:
             out.append((e + accepted / allowed, t + offered / allowed) if allowed else (e, t))
         return out
 
-    def _modelled(self, batch: int, other_tokens: int) -> tuple[int, int]:
-        """(the modelled best size, 0 included; the best size above 0)."""
+    def _modelled(self, batch: int, other_tokens: int,
+                  expected: list[tuple[float, float]]) -> tuple[int, int]:
+        """(the modelled best size, 0 included; the best size above 0), from `expected()`."""
         plain = batch / self.cost(batch + other_tokens)
         best_draft, best_rate = 0, 0.0
-        for n, (expected, drafted) in enumerate(self.expected()[1:], start=1):
-            rate = batch * expected / (self.cost(batch * (1 + drafted) + other_tokens)
+        for n, (gained, drafted) in enumerate(expected[1:], start=1):
+            rate = batch * gained / (self.cost(batch * (1 + drafted) + other_tokens)
                                        + batch * self.draft_s)
             if rate > best_rate:
                 best_draft, best_rate = n, rate
@@ -180,7 +191,21 @@ class TreeSizer:
     def _measured(self, batch: int) -> bool | None:
         """Whether drafting ran faster than plain decoding at this batch size; None until
         both have run MIN_PACE steps."""
-        on, off = self.paces.get((batch, True)), self.paces.get((batch, False))
+        on, off = self._paces(batch)
         if on is None or off is None or min(on.steps, off.steps) < self.MIN_PACE:
             return None
         return on.tokens_per_s > off.tokens_per_s
+
+    def _paces(self, batch: int) -> tuple[Pace | None, Pace | None]:
+        """(drafting, plain) paces measured at this batch size."""
+        return self.paces.get((batch, True)), self.paces.get((batch, False))
+
+
+def _at_least(counts: list[int]) -> list[int]:
+    """[number of steps with a value > i for i in 0 .. len(counts) - 2], from the counts of
+    steps by value."""
+    out, above = [], sum(counts)
+    for count in counts[:-1]:
+        above -= count
+        out.append(above)
+    return out
