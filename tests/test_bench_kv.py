@@ -72,6 +72,13 @@ def test_needles_where_they_belong(code_tokenizer):
     s = make_sample("niah_multivalue", code_tokenizer, 1024, 0, style="code")
     assert len(s.answers) == 4 and all(f".append({v})" in code_tokenizer.decode(s.context_ids)
                                       for v in s.answers)
+    for style, needle in (("text", "The pass key is {}. Remember it."), ("code", " = {}")):
+        s = make_sample("passkey", code_tokenizer, 1024, 0, style=style)
+        lines = code_tokenizer.decode(s.context_ids).splitlines()
+        (hit,) = [line for line in lines if s.answers[0] in line]  # the one needle
+        assert needle.format(s.answers[0]) in hit
+        filler = [line for line in lines if kv_tasks.PASSKEY_FILLER.strip() in line]
+        assert len(filler) > 0.8 * len(lines)  # the rest is the one sentence repeated
     s = make_sample("cwe", code_tokenizer, 1024, 0, style="text")
     words = [line.split(". ", 1)[1] for line in code_tokenizer.decode(s.context_ids).split("\n")
              if ". " in line and line.split(". ", 1)[0].isdigit()]
@@ -229,6 +236,17 @@ def test_kvpress_peer_rows(model, tmp_path, monkeypatch):
     (row,) = [r for r in result["rows"] if r["kind"] == "kvpress" and "snapkv" in r["method"]]
     assert row["method"] == "kvpress:snapkv@0.5" and row["score"] == 1.0
     assert row["decode_ms_per_token"] == pytest.approx(100.0)
+
+
+def test_context_past_the_model_runs_with_a_streaming_policy(model, tmp_path):
+    """Every method of a context past the model's runs past it; the warm-up too (it ran the
+    plain cache, which refused the prompt, and so the whole run)."""
+    args = kv_args(model, tmp_path, "--policies", "streaming", "--budgets", "0.25",
+                   "--tasks", "passkey", "--max-new-tokens", "4")
+    args.context = str(2 * CONTEXT)
+    result = kvbench.run_kv_bench(args)
+    (row,) = _rows(result, "streaming@0.25", "passkey")
+    assert row["n"] == 1 and not row["skipped"]
 
 
 @pytest.mark.parametrize("extra, message", [

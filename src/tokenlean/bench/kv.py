@@ -405,7 +405,8 @@ def run_quality(lm, plan, samples, progress, notes) -> list[dict]:
     failed: dict[tuple[str, int], str] = {}
     first = next(iter(next(iter(samples.values())).values()))[0]
     t0 = time.perf_counter()
-    generate_one(lm, Method("none", "none", None), first)  # warm-up, excluded
+    generate_one(lm, methods[0], first)  # warm-up, excluded (the plain cache may not fit:
+    # every method of a context past the model's runs past it)
     progress.line(f"warm-up {time.perf_counter() - t0:.1f} s (excluded)")
     turn = 0
     for context, by_task in samples.items():

@@ -16,6 +16,9 @@ both token ids, tokenized separately so that the split between them is exact:
   and the others a few; asked for the 10 most common.
 - `thread`: a chain of key -> key links scattered through the haystack in random order,
   the last key holding a number; asked to follow it from the first key.
+- `passkey`: the pass-key retrieval of Landmark Attention (arXiv 2305.16300), which
+  InfLLM reports as Retrieve.PassKey: one 5-digit key in a filler of one sentence line
+  repeated ("The grass is green. ..."), so that nothing but the key stands out; asked for it.
 
 Two styles: `text` (RULER's plain-language templates, "Question: ... Answer: ...") and
 `code` (the needles as Python assignments `NAME = VALUE` and the question restating
@@ -47,7 +50,7 @@ from tokenlean.zoo.corpus import read_source, source_files
 
 PPL = "ppl"  # streaming perplexity: not a sample task, run by bench/kv.py
 MAX_NEW_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multivalue": 48, "vt": 32,
-                  "cwe": 64, "thread": 24}
+                  "cwe": 64, "thread": 24, "passkey": 12}
 TASK_NAMES = [*MAX_NEW_TOKENS, PPL]
 STYLES = ("text", "code")
 HAYSTACK_CHARS = 400_000  # enough filler for several 8K-token samples at distinct offsets
@@ -178,11 +181,23 @@ def haystack_text(style: str) -> str:
     return "".join(parts)
 
 
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There " \
+                 "and back again.\n"
+FILLER = "filler"  # haystack style prefix: the passkey filler, a comment line in code
+
+
+def filler_text(style: str) -> str:
+    line = PASSKEY_FILLER if style == "text" else "# " + PASSKEY_FILLER
+    return line * 64  # Haystack.take wraps around for longer contexts
+
+
 class Haystack:
     """The filler as token ids, with the offsets where a line starts (needles go there)."""
 
     def __init__(self, tokenizer, style: str):
-        self.ids = tokenizer.encode(haystack_text(style), add_special_tokens=False)
+        kind, _, base = style.rpartition("-")
+        text = filler_text(base) if kind == FILLER else haystack_text(base)
+        self.ids = tokenizer.encode(text, add_special_tokens=False)
         self.ends_line = {i for i in set(self.ids) if tokenizer.decode([i]).endswith("\n")}
         self.line_starts = self.starts(self.ids)
         if len(self.line_starts) < 2:
@@ -410,6 +425,24 @@ def _thread(tokenizer, framing, hay, rng, target, max_new, hops: int = 4):
     return context, q, [value], meta
 
 
+def _passkey(tokenizer, framing, hay, rng, target, max_new):
+    hay = haystack(tokenizer, f"{FILLER}-{framing.style}")  # not the task's usual haystack
+    value = _value(rng, "code")  # 5 digits, as Landmark Attention's key
+    if framing.style == "text":
+        needles = [f"The pass key is {value}. Remember it. {value} is the pass key."]
+        instruction = ("There is important info hidden inside a lot of irrelevant text. Find "
+                       "it and memorize it. I will quiz you about the important information "
+                       "there.\n\n")
+        question, start = "\n\nWhat is the pass key?", "The pass key is"
+    else:
+        key = _keys(rng, 1, "code")[0]
+        needles = [f"{key} = {value}"]
+        instruction, question, start = NIAH_CODE, "\n\n", f"{key} ="
+    context, q, meta = _assemble(tokenizer, framing, hay, rng, target, max_new, instruction,
+                                 needles, question, start)
+    return context, q, [value], meta
+
+
 def _cwe(tokenizer, framing, hay, rng, target, max_new, n_common: int = 10):
     text = framing.style == "text"
     words = list(word_list())
@@ -469,6 +502,7 @@ BUILDERS = {
     "vt": _vt,
     "cwe": _cwe,
     "thread": _thread,
+    "passkey": _passkey,
 }
 
 
