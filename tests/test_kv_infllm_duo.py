@@ -93,8 +93,11 @@ def test_infllm_is_the_identity_when_the_prompt_fits(tiny_lm):
     assert not any(len(s) for s in small.stores)
 
 
-def test_infllm_representatives_retrieval_and_attention_match_the_rule(tiny_lm):
-    policy = make_policy("infllm", None, INFLLM)
+@pytest.mark.parametrize("variant", [[], ["scoring=max", "query=last"]])
+def test_infllm_representatives_retrieval_and_attention_match_the_rule(tiny_lm, variant):
+    """The paper's rule (q̄ over the step's queries, against the mean representative) and
+    the max variant (the step's last query, against the best representative)."""
+    policy = make_policy("infllm", None, INFLLM + variant)
     log = capture(policy)
     cache, _ = feed(tiny_lm, policy, ids(tiny_lm, 96, seed=1), 10)
     p, inv_freq = policy.params, tiny_lm.model.inv_freq
@@ -106,7 +109,7 @@ def test_infllm_representatives_retrieval_and_attention_match_the_rule(tiny_lm):
         H_kv, D = next(iter(K.values())).shape
         group = steps[0]["q"].shape[0] // H_kv
         # representative keys: top-r of r_m = sum q_{m+j}·k_m (j = 1..local, queries fed
-        # up to the step that evicted the block), de-rotated to 0 and averaged
+        # up to the step that evicted the block), de-rotated to 0 (and averaged: mean)
         for b, bpos in enumerate(store.positions):
             evicted = next(i for i, s in enumerate(steps) if s["stored"] > b)
             Q = [(int(t), s["q"][:, i])
@@ -121,13 +124,18 @@ def test_infllm_representatives_retrieval_and_attention_match_the_rule(tiny_lm):
             for h in range(H_kv):
                 picked = torch.stack([K[int(bpos[i])][h] for i in top[h]])
                 at = torch.stack([-bpos[i] for i in top[h]])
-                rep = rope(picked, at, inv_freq).mean(0)
+                rep = rope(picked, at, inv_freq)  # (r, D)
+                if p.scoring == "mean":
+                    rep = rep.mean(0, keepdim=True)
                 torch.testing.assert_close(store.reps[b, 0, h].double(), rep, atol=1e-4, rtol=1e-4)
         # each step with a store: retrieval by q̄·r, then attention over the slots
         for s in (s for s in steps if s["before"]):
             T = len(s["pos"])
-            q0 = rope(s["q"], -s["pos"], inv_freq).view(H_kv, group, T, D).mean(dim=(1, 2))
-            scores = torch.einsum("hd,nhd->hn", q0, s["reps"][:, 0].double())
+            q0 = rope(s["q"], -s["pos"], inv_freq).view(H_kv, group, T, D)
+            if p.query == "last":
+                q0 = q0[:, :, -1:]
+            dots = torch.einsum("hd,nhrd->hnr", q0.mean(dim=(1, 2)), s["reps"][:, 0].double())
+            scores = dots.amax(-1) if p.scoring == "max" else dots.mean(-1)
             want = scores.topk(min(p.topk, s["before"]), dim=-1).indices.sort(dim=-1).values
             assert torch.equal(s["selected"][layer], want)
             stored = torch.cat(store.positions[: s["before"]]).tolist()
@@ -186,6 +194,9 @@ def test_infllm_budget_caps_the_retrieved_tokens():
     assert make_policy("infllm", "0.5").topk == 4  # a fraction: the Params decide
     with pytest.raises(UserError):
         make_policy("infllm", None, ["representatives=9", "block=8"])
+    for bad, valid in (("scoring=sum", "mean, max"), ("query=first", "mean, last")):
+        with pytest.raises(UserError, match=valid):
+            make_policy("infllm", None, [bad])
 
 
 # --- duo ------------------------------------------------------------------------------------

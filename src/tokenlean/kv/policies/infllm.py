@@ -10,6 +10,14 @@ decode token) each KV head retrieves its own `topk` blocks by q̄·r (q̄: the s
 queries averaged over tokens and the head's query group) and attends over [initial,
 retrieved blocks in original order, local window, new tokens].
 
+Retrieval variant (`scoring=max query=last`, ours, not the paper's): a block scores the
+best of its representatives instead of their mean, and a step is represented by its last
+query. A needle is one or two tokens of its block that nothing in the local window attends
+to, so r_m rarely picks it and a mean of keys dilutes it. With `representatives=block` every
+key is a representative: the exact best q·k per block, an index as large as the keys. On
+tl-code's passkey at 4K it retrieves the needle's block where the paper's rule does not
+(BENCHMARKS.md).
+
 RoPE: keys are stored rotated at their original positions, re-rotated at attention time
 to their slots in that concatenation (the queries to the last slots): positions stay
 below initial + topk*block + local + chunk however long the input. Retrieval is
@@ -35,8 +43,9 @@ from tokenlean.model.cache import rotate
 
 class BlockStore:
     """One layer's evicted blocks. Per block: keys, values (B, H_kv, block, D) and
-    original positions (block,) on `device`; representative keys (n_blocks, B, H_kv, D)
-    stay beside the model (the retrieval index, 1/block of the size)."""
+    original positions (block,) on `device`; representative keys (n_blocks, B, H_kv, r, D)
+    stay beside the model (the retrieval index, r/block of the size; r = 1 when they are
+    scored by their mean)."""
 
     def __init__(self, device):
         self.device = device
@@ -62,6 +71,12 @@ class BlockStore:
         ks, vs, ps = torch.stack(ks, 1), torch.stack(vs, 1), torch.stack(ps)
         return ks.to(device), vs.to(device), ps.to(device)
 
+    def scores(self, q_bar: torch.Tensor, scoring: str) -> torch.Tensor:
+        """(H_kv, n_blocks): q̄ (H_kv, D) against each block's representatives, their mean
+        (a dot with the mean key) or their max."""
+        dots = torch.einsum("hd,nhrd->hnr", q_bar, self.reps[:, 0].float())
+        return dots.amax(dim=-1) if scoring == "max" else dots.mean(dim=-1)
+
     def nbytes(self) -> int:
         tensors = [*self.keys, *self.values, *self.positions, *([self.reps] if len(self) else [])]
         return sum(t.nbytes for t in tensors)
@@ -79,7 +94,9 @@ class InfLLM(CachePolicy):
         initial: int = 64  # first tokens, always attended
         local: int = 512  # local window of the most recent tokens
         block: int = 128  # tokens per memory block
-        representatives: int = 4  # keys averaged into a block's representative key
+        representatives: int = 4  # keys a block is represented by in retrieval
+        scoring: str = "mean"  # mean (the paper: q̄ · their mean) or max (the best of them)
+        query: str = "mean"  # q̄: the step's queries averaged (the paper) or its last one
         topk: int = 4  # blocks retrieved per step and KV head
         chunk: int = 512  # prefill chunk size
 
@@ -90,6 +107,10 @@ class InfLLM(CachePolicy):
                 or p.representatives > p.block:
             raise UserError("kv policy 'infllm': initial, local, chunk and representatives "
                             "must be >= 1, representatives <= block, topk >= 0")
+        for name, value in (("scoring", p.scoring), ("query", p.query)):
+            if value not in ("mean", "max" if name == "scoring" else "last"):
+                valid = "mean, max" if name == "scoring" else "mean, last"
+                raise UserError(f"kv policy 'infllm': {name}={value!r}; valid: {valid}")
         self.stores: list[BlockStore] = []
         self.scores: list[torch.Tensor | None] = []  # (H_kv, n) r_m per LayerKV slot
         self.selected: dict[int, torch.Tensor] = {}  # layer -> (H_kv, k) last retrieval
@@ -150,8 +171,11 @@ class InfLLM(CachePolicy):
         store, (_, H, T, D) = self.stores[layer], q.shape
         H_kv = store.reps.shape[2]
         q0 = rotate(q.float(), -q_pos, self.inv_freq)  # de-rotated to position 0
-        q_bar = q0[0].view(H_kv, H // H_kv, T, D).mean(dim=(1, 2))  # (H_kv, D)
-        scores = torch.einsum("hd,nhd->hn", q_bar, store.reps[:, 0].float())  # (H_kv, blocks)
+        q0 = q0[0].view(H_kv, H // H_kv, T, D)
+        if self.params.query == "last":
+            q0 = q0[:, :, -1:]  # a question's last token asks for the answer
+        q_bar = q0.mean(dim=(1, 2))  # (H_kv, D)
+        scores = store.scores(q_bar, self.params.scoring)  # (H_kv, blocks)
         chosen = scores.topk(min(self.topk, len(store)), dim=-1).indices.sort(dim=-1).values
         self.selected[layer] = chosen
         return chosen
@@ -187,7 +211,9 @@ class InfLLM(CachePolicy):
             picked = keys[0, :, s].gather(1, top[..., None].expand(-1, -1, D))  # (H_kv, r, D)
             at = pos[s][top].reshape(-1)  # (H_kv * r,)
             picked = rotate(picked.reshape(H_kv * r, D), -at, self.inv_freq)  # to position 0
-            rep = picked.view(H_kv, r, D).mean(dim=1)[None]  # (B, H_kv, D)
+            rep = picked.view(1, H_kv, r, D)  # (B, H_kv, r, D)
+            if p.scoring == "mean":
+                rep = rep.mean(dim=2, keepdim=True)  # a dot with the mean is the mean of dots
             self.stores[layer].add(keys[:, :, s], values[:, :, s], pos[s], rep)
         kept = torch.cat((torch.arange(n_init), torch.arange(n_init + blocks * p.block, n)))
         kv.keep(kept)
