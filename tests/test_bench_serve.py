@@ -151,7 +151,7 @@ def test_bench_serve_sweep_table_json_png(tiny_model_dir, tmp_path, capsys):
 
     out = capsys.readouterr().out
     rows = _table_rows(out, "tokenlean")
-    assert [row[1] for row in rows] == ["1", "2"] and all(len(row) == 14 for row in rows)
+    assert [row[1] for row in rows] == ["1", "2"] and all(len(row) == 15 for row in rows)
     assert len(_table_rows(out, "offline")) == 1
     assert "served / offline output tok/s at concurrency 1, tokenlean" in out
     png = path.with_suffix(".png")
@@ -166,6 +166,26 @@ def test_bench_serve_sweep_table_json_png(tiny_model_dir, tmp_path, capsys):
 def _counter(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith(f"tokenlean:{name}"))
+
+
+def test_long_prompt_block_counts_who_waited_during_its_prefill():
+    from tokenlean.bench.serve import long_prompt_block
+    from tokenlean.bench.serve_load import RequestResult
+
+    def req(sent, ttft, injected=False):
+        return RequestResult(ok=True, ttft_s=ttft, e2e_s=ttft + 1, output_tokens=4,
+                             sent_s=sent, injected=injected)
+
+    results = [req(0.0, 1.0),  # first token before the long prompt came: not held up
+               req(9.0, 2.0),  # waiting when it arrived
+               req(11.0, 0.5),  # arrived during its prefill
+               req(13.0, 0.2),  # after its first token
+               req(10.0, 2.0, injected=True)]  # the long prompt: prefilled 10 to 12
+    block = long_prompt_block(results, 20.0)
+    assert block["others"]["completed"] == 4
+    assert block["during"]["requests"] == 2
+    assert block["during"]["ttft_ms"]["p99"] == pytest.approx(2000.0)
+    assert block["during"]["ttft_ms"]["median"] == pytest.approx(1250.0)
 
 
 def test_bench_serve_sweep_named_base_url_one_long_prompt_per_level(tiny_model_dir, tmp_path):

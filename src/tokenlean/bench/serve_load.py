@@ -49,6 +49,13 @@ class RequestResult:
     prompt_tokens: int = 0
     usage: bool = False  # the server reported usage; else output_tokens = streamed chunks
     injected: bool = False  # the long prompt sent mid-run (--long-prompt-tokens)
+    sent_s: float | None = None  # time.perf_counter() when the request was sent
+
+    def waiting(self) -> tuple[float, float] | None:
+        """(sent, first token) on the perf_counter clock, once both are known."""
+        if self.sent_s is None or self.ttft_s is None:
+            return None
+        return self.sent_s, self.sent_s + self.ttft_s
 
 
 # ---- the server: ours (a subprocess) or the user's ----
@@ -273,7 +280,7 @@ async def _one(client, url: str, payload: dict, headers: dict,
                prompt_tokens: int | None = None) -> RequestResult:
     res = RequestResult(prompt_tokens=len(payload["prompt"]) if prompt_tokens is None
                         else prompt_tokens)
-    start = time.perf_counter()
+    start = res.sent_s = time.perf_counter()
     last = None
     chunks = 0
     try:
@@ -378,7 +385,7 @@ async def run_load(base_url: str, model: str, prompts: list[list[int]], max_toke
         return list(results), time.perf_counter() - start
 
 
-def _stats_ms(values: list[float]) -> dict:
+def stats_ms(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "median": None, "p99": None}
     ms = sorted(v * 1e3 for v in values)
@@ -403,9 +410,9 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
         "total_output_tokens": out_tokens,
         "request_throughput": len(ok) / duration_s if duration_s > 0 else None,
         "output_throughput": out_tokens / duration_s if duration_s > 0 else None,
-        "ttft_ms": _stats_ms([r.ttft_s for r in ok if r.ttft_s is not None]),
-        "tpot_ms": _stats_ms(tpot),
-        "itl_ms": _stats_ms([g for r in ok for g in r.itl_s]),
-        "e2e_ms": _stats_ms([r.e2e_s for r in ok]),
+        "ttft_ms": stats_ms([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "tpot_ms": stats_ms(tpot),
+        "itl_ms": stats_ms([g for r in ok for g in r.itl_s]),
+        "e2e_ms": stats_ms([r.e2e_s for r in ok]),
         "errors": errors,
     }

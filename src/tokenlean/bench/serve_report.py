@@ -25,10 +25,17 @@ def _cells(row: dict, speedup: str) -> list[str]:
 def _long_cells(row: dict) -> list[str]:
     long = row.get("long_prompt")
     if long is None:
-        return ["-", "-"]
+        return ["-", "-", "-"]
     ratio = long["ttft_p99_vs_lowest"]
     ttft = _fmt(long["others"]["ttft_ms"]["p99"]) + (f" ({ratio:.2f}x)" if ratio else "")
-    return [ttft, _fmt(long["others"]["itl_ms"]["p99"])]
+    during = long.get("during") or {"requests": 0}
+    if during["requests"]:
+        ratio = during["ttft_p99_vs_lowest"]
+        waited = (_fmt(during["ttft_ms"]["p99"]) + (f" ({ratio:.2f}x)" if ratio else "")
+                  + f" n={during['requests']}")
+    else:
+        waited = "-"
+    return [ttft, waited, _fmt(long["others"]["itl_ms"]["p99"])]
 
 
 def print_sweep_table(result: dict, json_path: Path | None = None, png_path: Path | None = None,
@@ -43,12 +50,13 @@ def print_sweep_table(result: dict, json_path: Path | None = None, png_path: Pat
              f"prompts -> {s['max_tokens']} new, greedy, rate {rate}/s; latencies in ms")
     if s["long_prompt_tokens"]:
         title += (f"; +long: a {s['long_prompt_tokens']}-token prompt arrives mid-run, figures "
-                  f"of the other requests (x: over TTFT p99 at concurrency {lowest})")
+                  f"of the other requests (x: over TTFT p99 at concurrency {lowest}; during long: "
+                  f"those waiting for their first token while it was prefilled)")
     table = Table(title=title)
     headers = ["system", "conc", "reqs", "req/s", "out tok/s", f"speedup vs c={lowest}",
                "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"]
     if s["long_prompt_tokens"]:
-        headers += ["TTFT p99 +long", "ITL p99 +long"]
+        headers += ["TTFT p99 +long", "TTFT p99 during long", "ITL p99 +long"]
     for i, name in enumerate(headers):
         table.add_column(name, justify="left" if i == 0 else "right")
     with_long = bool(s["long_prompt_tokens"])
@@ -60,7 +68,7 @@ def print_sweep_table(result: dict, json_path: Path | None = None, png_path: Pat
         table.add_section()
     offline = result.get("offline")
     if offline:
-        table.add_row("offline", "1", *_cells(offline, "-"), *(["-", "-"] if with_long else []))
+        table.add_row("offline", "1", *_cells(offline, "-"), *(["-", "-", "-"] if with_long else []))
     console.print(table)
     for line in _served_vs_offline(result):
         console.print(line)
