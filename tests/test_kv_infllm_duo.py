@@ -222,7 +222,9 @@ def test_duo_is_the_identity_at_full_budget(tiny_lm, tmp_path, monkeypatch):
 
 
 def test_duo_streaming_heads_are_cut_and_freed(tiny_lm, duo_calibration):
-    n, room = 60, 6
+    """After prefill a streaming head holds sinks + recent with room for one page (4), a
+    retrieval head everything with room for the whole generation (12)."""
+    n, room, page = 60, 12, 4
     policy = make_policy("duo", "0.5", duo_calibration)
     with torch.inference_mode():
         cache = tiny_lm.model.new_cache(n + room)
@@ -230,7 +232,7 @@ def test_duo_streaming_heads_are_cut_and_freed(tiny_lm, duo_calibration):
     retrieval = [[True, False], [False, True]]
     assert policy.retrieval.tolist() == retrieval
     D = cache.head_dim
-    per_slot = 2 * D * 4 + 8  # fp32 keys + values, and the int64 position of a ragged layer
+    kv_slot, pos_slot = 2 * D * 4, 8  # fp32 keys + values; the int64 position (ragged layer)
     expected = 0
     for kv, heads in zip(cache.layers, retrieval):
         for h, is_retrieval in enumerate(heads):
@@ -238,12 +240,37 @@ def test_duo_streaming_heads_are_cut_and_freed(tiny_lm, duo_calibration):
             if is_retrieval:
                 assert pos == list(range(n)) and kv.caps[h] == n + room
             else:
-                assert pos == [0, 1] + list(range(n - 8, n)) and kv.caps[h] == 10 + room
-        expected += per_slot * sum(kv.caps)
-    full = len(cache.layers) * cache.n_kv_heads * (n + room) * 2 * D * 4
+                assert pos == [0, 1] + list(range(n - 8, n)) and kv.caps[h] == 10 + page
+        expected += (kv_slot + pos_slot) * sum(kv.caps)
+    full = len(cache.layers) * cache.n_kv_heads * (n + room) * kv_slot
     assert cache.nbytes(allocated=True) == expected
-    # per layer: the streaming head frees n - 10 slots; the ragged layer stores positions
-    assert full - expected == 2 * (2 * D * 4 * (n - 10) - 8 * (n + 10 + 2 * room))
+    slots = (n + room) + (10 + page)  # per layer, one retrieval and one streaming head
+    assert full - expected == 2 * (kv_slot * (2 * (n + room) - slots) - pos_slot * slots)
+
+
+def test_duo_streaming_heads_fed_a_chunk_longer_than_their_room(tiny_lm, tmp_path):
+    """All heads streaming: a 7-token chunk (more than the page of room) gives the logits
+    that feeding its tokens one by one gives, and the heads still hold sinks + recent."""
+    path = tmp_path / "duo.json"
+    path.write_text(json.dumps({"model": "tiny", "digest": calibrate.model_digest(tiny_lm.model),
+                                "sinks": 2, "recent": 8, "scores": [[0.0, 0.0], [0.0, 0.0]]}))
+    args = [*DUO, "retrieval=0", f"calibration={path}"]
+    prompt, chunk = ids(tiny_lm, 40, seed=8), ids(tiny_lm, 7, seed=9)
+    logits = []
+    for steps in ([chunk], [[t] for t in chunk]):
+        policy = make_policy("duo", "0.5", args)
+        with torch.inference_mode():
+            cache = tiny_lm.model.new_cache(len(prompt) + len(chunk))
+            policy.prefill(tiny_lm.model, cache, torch.tensor([prompt]), len(chunk))
+            for part in steps:
+                out = tiny_lm.model(torch.tensor([part]), cache=cache)[0, -1]
+        logits.append(out)
+        for kv in cache.layers:
+            for h in range(kv.heads):
+                held = kv.head(h)[2][0].tolist()
+                assert held[:2] == [0, 1] and held[-8:] == list(range(39, 47))
+                assert kv.caps[h] <= 10 + 7
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
 
 
 def test_duo_decoding_matches_quest_and_streaming_by_hand(tiny_lm, duo_calibration):
@@ -277,6 +304,7 @@ def test_duo_decoding_matches_quest_and_streaming_by_hand(tiny_lm, duo_calibrati
                     held = cache.layers[layer].head(h)[2][0].tolist()
                     assert held[: p.sinks] == list(range(p.sinks)) and held == sorted(held)
                     assert len(held) <= p.sinks + p.recent + p.page
+                    assert cache.layers[layer].caps[h] <= p.sinks + p.recent + p.page
                 keys = torch.stack([K[t][h] for t in slots]).double()
                 vals = torch.stack([V[t][h] for t in slots]).double()
                 out = (qg @ keys.T / math.sqrt(D)).softmax(-1) @ vals

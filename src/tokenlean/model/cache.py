@@ -175,11 +175,13 @@ class LayerKV:
             raise ValueError(f"cannot drop {drop} entries from a layer holding {min(self.lens)}")
         self.lens = [n - drop for n in self.lens]
 
-    def shrink(self, room: int) -> None:
-        """Reallocate each head to its entries + `room` free slots: the way memory comes back."""
+    def shrink(self, room: int | list[int]) -> None:
+        """Reallocate each head to its entries + `room` free slots (one for every head, or
+        one per head): the way memory comes back."""
         if self.k is None:
             return
-        caps = [n + room for n in self.lens]
+        rooms = [room] * self.heads if isinstance(room, int) else list(room)
+        caps = [n + r for n, r in zip(self.lens, rooms)]
         if caps == self.caps:
             return
         total = sum(caps)

@@ -6,6 +6,9 @@ et al., arXiv 2502.14866).
 Each KV head of each layer is a streaming head or a retrieval head. A streaming head
 keeps the `sinks` first entries and the `recent` last ones: after prefill its segment
 of the (ragged) cache is cut to that and reallocated, so the memory really comes back.
+It is given room for one page of new entries, not for the whole generation: when a
+forward would overflow it, it is cut back to sinks + recent first (and reallocated only
+when a forward brings more tokens than that frees, as a long question does).
 A retrieval head keeps everything and, at each decode step, attends only to the top
 pages (of `page` tokens) by the Quest bound: per page and channel i the min m_i and
 max M_i of its keys, page score = sum_i max(q_i*m_i, q_i*M_i) (summed over the KV
@@ -78,8 +81,8 @@ class DuoAttention(CachePolicy):
         if not all(heads) and any(n > cap for n, r in zip(kv.lens, heads) if not r):
             kv.keep([torch.arange(n) if r else self.streaming_slots(n)
                      for n, r in zip(kv.lens, heads)])
-            if self.prefilling:
-                kv.shrink(self.room)  # streaming heads reallocated to sinks + recent + room
+        if self.prefilling and not all(heads):  # streaming heads: sinks + recent + a page
+            kv.shrink([self.room if r else min(self.room, p.page) for r in heads])
         if self.prefilling:
             for h in (h for h, r in enumerate(heads) if r):
                 self.update_pages(layer, h, kv.head(h)[0][0])
@@ -90,6 +93,7 @@ class DuoAttention(CachePolicy):
         if self.identity or self.prefilling:
             return None
         kv = cache.layers[layer]
+        self.make_room(layer, kv, k.shape[2])
         kv.write(k, v, cache.new_pos)
         T, group, p = k.shape[2], q.shape[1] // kv.heads, self.params
         q_pos = cache.new_pos  # (B, T)
@@ -109,6 +113,20 @@ class DuoAttention(CachePolicy):
                 head_mask = combine(head_mask, near | (pos < p.sinks)[:, None])
             outs.append(sdpa(qh, keys[:, None], values[:, None], head_mask))
         return torch.cat(outs, dim=1)
+
+    def make_room(self, layer: int, kv, T: int) -> None:
+        """Before T new entries are written: a streaming head without room for them is cut
+        to sinks + recent (all the new queries can see) and, if that is still too few
+        slots, the layer reallocated with room for T (a retrieval head keeps its room)."""
+        heads = self.retrieval[layer].tolist()
+        short = [not r and n + T > cap for n, cap, r in zip(kv.lens, kv.caps, heads)]
+        if not any(short):
+            return
+        kv.keep([self.streaming_slots(n) if cut else torch.arange(n)
+                 for n, cut in zip(kv.lens, short)])
+        if any(n + T > cap for n, cap in zip(kv.lens, kv.caps)):
+            kv.shrink([cap - n if r else max(T, self.params.page)
+                       for n, cap, r in zip(kv.lens, kv.caps, heads)])
 
     def update_pages(self, layer: int, h: int, keys: torch.Tensor) -> None:
         """Per-page, per-channel min and max of a retrieval head's keys (n, D), brought
