@@ -249,6 +249,37 @@ def test_context_past_the_model_runs_with_a_streaming_policy(model, tmp_path):
     assert row["n"] == 1 and not row["skipped"]
 
 
+def test_kvpress_duo_runs_on_our_calibration(model, tmp_path, monkeypatch):
+    """duo's counterpart, DuoAttentionPress, gets the head scores of the calibration that
+    tokenlean's duo policy reads (kvpress cannot download its own offline)."""
+    from tokenlean.kv import calibrate
+
+    seen = {}
+
+    def run_kvpress_peer(samples, model_folder, presses, budgets, duo_patterns=None):
+        seen.update(presses=presses, duo_patterns=duo_patterns)
+        return []
+
+    module = types.ModuleType("tokenlean.bench.kvpress_peer")
+    module.run_kvpress_peer = run_kvpress_peer
+    from tokenlean.bench.kvpress_peer import duo_patterns
+    module.duo_patterns = duo_patterns
+    monkeypatch.setitem(sys.modules, "tokenlean.bench.kvpress_peer", module)
+    import tokenlean
+
+    tiny = tokenlean.load(str(model), device="cpu", dtype="fp32").model
+    path = tmp_path / "duo.json"
+    scores = [[0.25, 0.75], [1.0, 0.0]]
+    path.write_text(json.dumps({"model": "tiny", "digest": calibrate.model_digest(tiny),
+                                "sinks": 2, "recent": 8, "scores": scores}))
+    kvbench.run_kv_bench(kv_args(model, tmp_path, "--policies",
+                                 f"none,duo:sinks=2:recent=8:calibration={path}",
+                                 "--budgets", "0.5", "--tasks", "niah_single",
+                                 "--peers", "kvpress"))
+    assert seen["presses"] == ["full", "duo_attention"]
+    assert seen["duo_patterns"] == {"sink_size": 2, "recent_size": 8, "head_scores": scores}
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--policies", "none,magic"], "unknown kv policy 'magic'"),
     (["--policies", "snapkv:windoww=3"], "windoww"),

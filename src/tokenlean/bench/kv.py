@@ -58,7 +58,8 @@ from tokenlean.errors import UserError
 DEFAULT_BUDGETS = "0.1,0.25,0.5"
 DEFAULT_CONTEXT = "2048"
 KVPRESS_COUNTERPART = {"none": "full", "snapkv": "snapkv", "adakv": "adakv_snapkv",
-                       "streaming": "streaming_llm", "h2o": "observed_attention"}
+                       "streaming": "streaming_llm", "h2o": "observed_attention",
+                       "duo": "duo_attention"}
 KV_BYTES_NOTE = ("kv_bytes_allocated: the most the generation's cache held allocated at the "
                  "start of any forward (after prefill, every decode step) and at the end; the "
                  "transient inside the prefill forward is not seen. kv_bytes_full: the full "
@@ -470,6 +471,20 @@ def run_ppl(lm, plan, args, progress, notes) -> list[dict]:
     return rows
 
 
+def duo_patterns_for(lm, plan) -> dict:
+    """DuoAttentionPress's patterns from the calibration the plan's `duo` policy uses (its
+    sinks, recent and calibration options; made now if missing), so both split the heads
+    alike. They differ in what a budget means: kvpress streams as many heads as remove the
+    budget's share, tokenlean's duo keeps its `retrieval` share of heads and pages them."""
+    from tokenlean.bench.kvpress_peer import duo_patterns
+    from tokenlean.kv.calibrate import load_or_calibrate
+    from tokenlean.kv.registry import make_policy
+
+    args = next((a for name, a in plan["policies"] if name == "duo"), ())
+    p = make_policy("duo", None, list(args)).params
+    return duo_patterns(load_or_calibrate(lm.model, p.calibration, p.sinks, p.recent))
+
+
 def run_peer(lm, plan, args, samples, notes) -> list[dict]:
     """kvpress on the same samples, through tokenlean.bench.kvpress_peer (another module).
     Expected back, per press, budget and sample: a dict with `text` (or a string), and
@@ -495,6 +510,8 @@ def run_peer(lm, plan, args, samples, notes) -> list[dict]:
     wanted = {"python": args.kvpress_python, "max_new_tokens": None, "eos_ids": [],
               "threads": torch.get_num_threads(), "device": str(lm.model.device),
               "dtype": str(lm.model.dtype).removeprefix("torch.")}
+    if "duo_attention" in presses:  # kvpress's DuoAttention on our calibration's head split
+        wanted["duo_patterns"] = duo_patterns_for(lm, plan)
     accepted = inspect.signature(run_kvpress_peer).parameters
     kwargs = {k: v for k, v in wanted.items() if k in accepted and v is not None}
     eos = set(lm.tokenizer.eos_ids)
