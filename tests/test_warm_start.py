@@ -96,6 +96,36 @@ def test_what_was_learned_is_saved_on_cancel_and_loaded_by_the_next_process(tiny
     assert np.array_equal(fresh(tiny_lm).drafter("hybrid").recycling.matrix, saved)
 
 
+def test_saves_are_spaced_and_the_owed_one_is_flushed(tiny_lm, monkeypatch):
+    """The first request's end saves at once; ends within SAVE_EVERY_S of a save put theirs
+    off (one exit hook), and the next end after the interval saves what they learned."""
+    from tokenlean.spec_decode.drafters import recycling
+
+    clock, writes, hooks = [100.0], [], []
+    monkeypatch.setattr(recycling.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(recycling.atexit, "register", hooks.append)
+    monkeypatch.setattr(warm_start, "save_atomic", lambda path, m: writes.append(m.copy()))
+    drafter = fresh(tiny_lm).drafter("recycling")
+    drafter.end()
+    assert len(writes) == 1 and not drafter.owed
+    drafter.matrix[0, 0] = 3
+    clock[0] += 1
+    drafter.end()
+    drafter.end()
+    assert len(writes) == 1 and drafter.owed and hooks == [drafter.flush_owed]  # put off
+    clock[0] += recycling.SAVE_EVERY_S
+    drafter.end()
+    assert len(writes) == 2 and writes[-1][0, 0] == 3 and not drafter.owed
+    drafter.matrix[0, 0] = 4
+    clock[0] += 1
+    drafter.end()
+    assert len(hooks) == 1  # one hook for the drafter's life, however many put-off saves
+    hooks[0]()  # the interpreter exits: the owed save is written
+    assert len(writes) == 3 and writes[-1][0, 0] == 4
+    hooks[0]()  # nothing owed: nothing written
+    assert len(writes) == 3
+
+
 def test_matrix_path_overrides_the_warm_start(tiny_lm, tmp_path):
     path = tmp_path / "mine.npy"
     mine = np.full_like(warm_start.base_matrix(tiny_lm, 8), 7)

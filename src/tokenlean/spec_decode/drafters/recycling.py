@@ -11,12 +11,16 @@ token in the tree (accepted or not) is overwritten with the top-k of the
 target's logits at its position. The matrix is never reset between requests
 ("hot start"), and it starts warm (spec_decode/warm_start.py): from a matrix shipped
 beside a zoo model or built once for any other, then from what the model learned in
-earlier processes, saved whenever a request ends (finished or cancelled).
+earlier processes, saved when a request ends (finished or cancelled): at once the first
+time, then at most every SAVE_EVERY_S seconds (a busy server would otherwise rewrite the
+whole matrix after every request), and at interpreter exit if a save is still owed.
 """
 
 from __future__ import annotations
 
+import atexit
 import heapq
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from tokenlean.spec_decode.tree import DraftTree
 # Prior weight of the r-th candidate, roughly how often rank r is the accepted one.
 RANK_WEIGHTS = (0.55, 0.17, 0.08, 0.05, 0.04, 0.03, 0.025, 0.02)
 WARM_MODES = ("auto", "base", "cold")
+SAVE_EVERY_S = 30.0  # the most often the learned matrix is written
 
 
 @dataclass
@@ -105,6 +110,9 @@ class TokenRecycling(Drafter):
         self.template = tree_template(nodes, params.max_depth, params.k)
         self.matrix = np.full((lm.model.config.vocab_size, params.k), -1, dtype=np.int32)
         self.save_to = self._start_warm(lm, params)  # where end() saves what was learned
+        self.saved_at: float | None = None  # time.monotonic() of the last save
+        self.owed = False  # learned since the last save, which end() put off
+        self.hooked = False  # the exit hook that writes an owed save is registered
 
     def _start_warm(self, lm, params: RecyclingParams) -> Path | None:
         """Fill the matrix as `matrix_path` and `warm` say; return where to save it."""
@@ -157,8 +165,25 @@ class TokenRecycling(Drafter):
         return {"tree_nodes": len(self.template)}
 
     def end(self) -> None:
+        if self.save_to is None:
+            return
+        if self.saved_at is not None and time.monotonic() - self.saved_at < SAVE_EVERY_S:
+            if not self.hooked:  # what the last requests learned is not lost at exit
+                atexit.register(self.flush_owed)
+                self.hooked = True
+            self.owed = True
+            return
+        self.flush()
+
+    def flush_owed(self) -> None:
+        if self.owed:
+            self.flush()
+
+    def flush(self) -> None:
+        """Save what was learned now (end() puts saves off to at most one per SAVE_EVERY_S)."""
         if self.save_to is not None:
             self.save(self.save_to)
+            self.saved_at, self.owed = time.monotonic(), False
 
     def save(self, path: str | Path) -> None:
         # through a file object (np.save(path) would append ".npy" to any other name and
