@@ -280,7 +280,43 @@ def test_kvpress_duo_runs_on_our_calibration(model, tmp_path, monkeypatch):
     assert seen["duo_patterns"] == {"sink_size": 2, "recent_size": 8, "head_scores": scores}
 
 
+def test_an_interrupted_run_resumes_from_its_log(model, tmp_path, monkeypatch):
+    """Every generation is logged as it finishes; --resume takes those from the log and runs
+    only the rest, and a log made with other weights is refused."""
+    real, calls = kvbench.generate_one, []
+
+    def interrupted(lm, method, sample):
+        calls.append(method.label)
+        if len(calls) == 4:  # the warm-up and two generations done, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(lm, method, sample)
+
+    extra = ["--policies", "none,snapkv", "--budgets", "0.5", "--tasks", "niah_single,vt",
+             "--max-new-tokens", "4"]
+    monkeypatch.setattr(kvbench, "generate_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        kvbench.run_kv_bench(kv_args(model, tmp_path, *extra))
+    (log,) = tmp_path.glob("kv-*.runs.jsonl")
+    assert len(log.read_text().splitlines()) == 1 + 2  # the identity and two generations
+
+    calls.clear()
+    monkeypatch.setattr(kvbench, "generate_one", lambda *a: calls.append(a[1].label) or real(*a))
+    result = kvbench.run_kv_bench(kv_args(model, tmp_path, *extra, "--resume", str(log)))
+    assert len(calls) == 1 + 4 - 2  # the warm-up, and the two generations not logged
+    assert all(r["n"] == 1 and r["score"] is not None for r in result["rows"])
+    assert any(n.startswith("resumed") for n in result["notes"])
+    assert len(log.read_text().splitlines()) == 1 + 4  # the rest went into the same log
+
+    lines = log.read_text().splitlines()
+    head = json.loads(lines[0])
+    head["identity"]["weights"] = "0123456789ab"
+    log.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    with pytest.raises(UserError, match="weights"):
+        kvbench.run_kv_bench(kv_args(model, tmp_path, *extra, "--resume", str(log)))
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["--resume", "/nonexistent/kv.runs.jsonl"], "no such file"),
     (["--policies", "none,magic"], "unknown kv policy 'magic'"),
     (["--policies", "snapkv:windoww=3"], "windoww"),
     (["--budgets", "0"], "above 0"),

@@ -167,6 +167,10 @@ def add_kv_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="bench-results",
                    help="folder for the JSON result and PNGs (default bench-results)")
+    p.add_argument("--resume", default=None, metavar="FILE",
+                   help="the run log (OUT/kv-*.runs.jsonl) of an interrupted run with the same "
+                        "model: its generations are taken from it, the rest are run and "
+                        "added to it (every run writes one, line by line)")
 
 
 def add_bench_run_args(p: argparse.ArgumentParser, prompts: int, prompts_help: str,

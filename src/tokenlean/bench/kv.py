@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenlean.bench.kv_report import plot_kv, plot_ppl, print_kv_table
+from tokenlean.bench.kv_runs import RunLog
 from tokenlean.bench.kv_tasks import (  # noqa: F401  (KVSample: the peer module imports it here)
     MAX_NEW_TOKENS,
     PPL,
@@ -178,6 +179,8 @@ def check_plan(args) -> dict:
     if PPL in tasks and args.ppl_tokens <= 2 * args.ppl_chunk:
         raise UserError(f"--ppl-tokens {args.ppl_tokens}: the stream needs more than two "
                         f"chunks of --ppl-chunk {args.ppl_chunk} tokens")
+    if getattr(args, "resume", None) and not Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume}: no such file")
     name, folder, context = model_context(args.model)
     quality = [t for t in tasks if t != PPL]
     if quality:
@@ -400,7 +403,9 @@ def _quality_row(method: Method, context: int, task: str, runs: list[dict], erro
         "samples": runs}
 
 
-def run_quality(lm, plan, samples, progress, notes) -> list[dict]:
+def run_quality(lm, plan, samples, progress, notes, log: RunLog | None = None) -> list[dict]:
+    """Every method on every sample; each generation goes into `log` as it finishes, and
+    one the log holds already (a resumed run) is taken from it."""
     methods = plan["methods"]
     runs = {}  # (label, context, task) -> [run]
     failed: dict[tuple[str, int], str] = {}
@@ -418,6 +423,10 @@ def run_quality(lm, plan, samples, progress, notes) -> list[dict]:
                 for method in methods[shift:] + methods[:shift]:
                     if (method.label, context) in failed:
                         continue
+                    got = log.get(method.label, sample) if log is not None else None
+                    if got is not None:
+                        runs.setdefault((method.label, context, task), []).append(got)
+                        continue
                     try:
                         got = generate_one(lm, method, sample)
                     except Exception as e:  # a policy not done yet, or a bug: skip, say why
@@ -426,6 +435,8 @@ def run_quality(lm, plan, samples, progress, notes) -> list[dict]:
                         progress.line(f"{method.label} at {context}: skipped ({message})")
                         continue
                     runs.setdefault((method.label, context, task), []).append(got)
+                    if log is not None:
+                        log.add(method.label, sample, got)
                     ran += 1
                 progress.advance(len(methods) * (context + 8 * sample.max_new_tokens),
                                  f"{context} {task} {i + 1}/{len(task_samples)}: {ran} runs in "
@@ -595,6 +606,20 @@ def summaries(rows: list[dict]) -> list[dict]:
     return out
 
 
+def open_run_log(args, lm, started) -> RunLog:
+    from tokenlean.kv.calibrate import model_digest
+
+    identity = {"model": lm.name, "weights": model_digest(lm.model),
+                "dtype": str(lm.model.dtype).removeprefix("torch."), "device": str(lm.model.device)}
+    if args.resume:
+        return RunLog(args.resume, identity, resume=True)
+    path, n = Path(args.out) / f"kv-{started.strftime('%Y%m%d-%H%M%S')}.runs.jsonl", 1
+    while path.exists():
+        n += 1
+        path = path.with_name(f"kv-{started.strftime('%Y%m%d-%H%M%S')}-{n}.runs.jsonl")
+    return RunLog(path, identity)
+
+
 def run_kv_bench(args) -> dict:
     """Run the benchmark described by `bench kv`'s arguments; return the result."""
     from tokenlean.bench.report import machine_info, run_header, utc_now, write_json
@@ -623,7 +648,16 @@ def run_kv_bench(args) -> dict:
                   f"{args.ppl_tokens} tokens; style {style}, chat {'on' if chat else 'off'}, "
                   f"{torch.get_num_threads()} threads")
     notes: list[str] = []
-    rows = run_quality(lm, plan, samples, progress, notes) if quality else []
+    log = None
+    if quality:
+        log = open_run_log(args, lm, started)
+        resumed = f"; {len(log.done)} resumed from it" if args.resume else ""
+        if args.resume:
+            notes.append(f"resumed: the generations logged in {log.path} (an interrupted run "
+                         "with the same model) were taken from it, not run again")
+        progress.line(f"every generation is logged to {log.path}{resumed} (after an "
+                      f"interruption, --resume {log.path} goes on from there)")
+    rows = run_quality(lm, plan, samples, progress, notes, log) if quality else []
     if plan["peers"] and samples:
         rows += run_peer(lm, plan, args, samples, notes)
     if PPL in plan["tasks"]:
