@@ -243,3 +243,33 @@ def test_bench_serve_sweep_bad_input(tiny_model_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("tokenlean: error:") and "\n" not in err, (extra, err)
     assert not list(tmp_path.glob("serve*"))
+
+
+@pytest.mark.parametrize("ending, ok", [("finish", True), ("done", True), ("cut", False)])
+def test_a_stream_may_end_on_its_finish_reason_chunk(ending, ok):
+    """transformers serve ends a stream with the chunk that carries finish_reason and sends
+    no [DONE]: that is a complete answer; a stream cut before either is not."""
+    import asyncio
+
+    import httpx
+
+    from tokenlean.bench.serve_load import _one
+
+    def chunk(text, finish=None):
+        choice = {"index": 0, "text": text, **({"finish_reason": finish} if finish else {})}
+        return f"data: {json.dumps({'choices': [choice]})}\n\n"
+
+    body = chunk("a") + chunk(" b")
+    body += {"finish": chunk("", "length"), "done": chunk("", "length") + "data: [DONE]\n\n",
+             "cut": ""}[ending]
+
+    def handler(request):
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await _one(client, "http://x/v1/completions", {"prompt": [1, 2]}, {})
+
+    res = asyncio.run(run())
+    assert res.ok is ok and res.output_tokens == 2
+    assert (res.error is None) is ok

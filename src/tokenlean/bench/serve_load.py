@@ -283,6 +283,7 @@ async def _one(client, url: str, payload: dict, headers: dict,
     start = res.sent_s = time.perf_counter()
     last = None
     chunks = 0
+    finished = False  # a chunk carried a finish_reason
     try:
         async with client.stream("POST", url, json=payload, headers=headers) as r:
             if r.status_code != 200:
@@ -308,6 +309,8 @@ async def _one(client, url: str, payload: dict, headers: dict,
                     res.output_tokens = chunk["usage"].get("completion_tokens", 0)
                     res.usage = True
                 choices = chunk.get("choices") or []
+                if choices and choices[0].get("finish_reason"):
+                    finished = True
                 if choices and choices[0].get("text"):
                     chunks += 1
                     now = time.perf_counter()
@@ -316,8 +319,11 @@ async def _one(client, url: str, payload: dict, headers: dict,
                     else:
                         res.itl_s.append(now - last)
                     last = now
-            else:
-                res.error = res.error or "the stream ended without [DONE]"
+            else:  # transformers serve ends with the finish_reason chunk and no [DONE]
+                if finished and res.error is None:
+                    res.ok = True
+                else:
+                    res.error = res.error or "the stream ended without [DONE]"
     except Exception as e:  # a failed request is counted, never fatal
         res.error = f"{type(e).__name__}: {e}"
     res.e2e_s = time.perf_counter() - start
