@@ -411,8 +411,9 @@ def run_quality(lm, plan, samples, progress, notes, log: RunLog | None = None) -
     failed: dict[tuple[str, int], str] = {}
     first = next(iter(next(iter(samples.values())).values()))[0]
     t0 = time.perf_counter()
-    generate_one(lm, methods[0], first)  # warm-up, excluded (the plain cache may not fit:
-    # every method of a context past the model's runs past it)
+    # warm-up, excluded: the plan's first method, which runs at every context asked for
+    # (the plain cache would refuse a context past the model's)
+    generate_one(lm, methods[0], first)
     progress.line(f"warm-up {time.perf_counter() - t0:.1f} s (excluded)")
     turn = 0
     for context, by_task in samples.items():
@@ -607,17 +608,14 @@ def summaries(rows: list[dict]) -> list[dict]:
 
 
 def open_run_log(args, lm, started) -> RunLog:
+    from tokenlean.bench.report import new_path
     from tokenlean.kv.calibrate import model_digest
 
     identity = {"model": lm.name, "weights": model_digest(lm.model),
                 "dtype": str(lm.model.dtype).removeprefix("torch."), "device": str(lm.model.device)}
     if args.resume:
         return RunLog(args.resume, identity, resume=True)
-    path, n = Path(args.out) / f"kv-{started.strftime('%Y%m%d-%H%M%S')}.runs.jsonl", 1
-    while path.exists():
-        n += 1
-        path = path.with_name(f"kv-{started.strftime('%Y%m%d-%H%M%S')}-{n}.runs.jsonl")
-    return RunLog(path, identity)
+    return RunLog(new_path(args.out, "kv", started, ".runs.jsonl"), identity)
 
 
 def run_kv_bench(args) -> dict:
@@ -651,8 +649,9 @@ def run_kv_bench(args) -> dict:
     log = None
     if quality:
         log = open_run_log(args, lm, started)
-        resumed = f"; {len(log.done)} resumed from it" if args.resume else ""
+        resumed = ""
         if args.resume:
+            resumed = f"; {len(log.done)} resumed from it"
             notes.append(f"resumed: the generations logged in {log.path} (an interrupted run "
                          "with the same model) were taken from it, not run again")
         progress.line(f"every generation is logged to {log.path}{resumed} (after an "

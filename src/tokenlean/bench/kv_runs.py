@@ -30,7 +30,6 @@ class RunLog:
             self._read(identity)
         else:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
                 with self.path.open("x", encoding="utf-8") as f:  # never over an earlier log
                     f.write(json.dumps({"identity": identity}) + "\n")
             except OSError as e:

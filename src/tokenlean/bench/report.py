@@ -60,8 +60,9 @@ def machine_info(device: torch.device | None = None) -> dict:
     return info
 
 
-def write_json(result: dict, out_dir: str | Path, kind: str, when: datetime) -> Path:
-    """`out_dir/<kind>-YYYYMMDD-HHMMSS.json` (UTC); never overwrites an earlier run."""
+def new_path(out_dir: str | Path, kind: str, when: datetime, suffix: str = ".json") -> Path:
+    """`out_dir/<kind>-YYYYMMDD-HHMMSS<suffix>` (UTC), `-2`, `-3`... if taken; the folder
+    made if missing."""
     from tokenlean.errors import UserError
 
     out = Path(out_dir)
@@ -70,10 +71,16 @@ def write_json(result: dict, out_dir: str | Path, kind: str, when: datetime) -> 
     except OSError as e:
         raise UserError(f"cannot create {out}: {e.strerror or e}") from None
     stem = f"{kind}-{when.strftime('%Y%m%d-%H%M%S')}"
-    path, n = out / f"{stem}.json", 1
+    path, n = out / f"{stem}{suffix}", 1
     while path.exists():
         n += 1
-        path = out / f"{stem}-{n}.json"
+        path = out / f"{stem}-{n}{suffix}"
+    return path
+
+
+def write_json(result: dict, out_dir: str | Path, kind: str, when: datetime) -> Path:
+    """`out_dir/<kind>-YYYYMMDD-HHMMSS.json` (UTC); never overwrites an earlier run."""
+    path = new_path(out_dir, kind, when)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)

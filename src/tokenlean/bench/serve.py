@@ -329,8 +329,8 @@ def long_prompt_block(results: list[RequestResult], duration_s: float) -> dict:
     [long] = [r for r in results if r.injected]
     s = summarize(others, duration_s)
     window = long.waiting()
-    overlap = [r.ttft_s for r in others if r.ok and window and r.waiting()
-               and r.waiting()[0] < window[1] and r.waiting()[1] > window[0]]
+    waits = [(r.ttft_s, r.waiting()) for r in others if r.ok] if window else []
+    overlap = [ttft for ttft, w in waits if w and w[0] < window[1] and w[1] > window[0]]
     return {"requests": len(results) - len(others), "prompt_tokens": long.prompt_tokens,
             "others": {k: s[k] for k in ("completed", "failed", "ttft_ms", "itl_ms", "e2e_ms",
                                           "errors")},

@@ -26,16 +26,14 @@ def _long_cells(row: dict) -> list[str]:
     long = row.get("long_prompt")
     if long is None:
         return ["-", "-", "-"]
-    ratio = long["ttft_p99_vs_lowest"]
-    ttft = _fmt(long["others"]["ttft_ms"]["p99"]) + (f" ({ratio:.2f}x)" if ratio else "")
+    def p99(block: dict) -> str:  # TTFT p99 and its ratio to the lowest level's
+        ratio = block["ttft_p99_vs_lowest"]
+        return _fmt(block["ttft_ms"]["p99"]) + (f" ({ratio:.2f}x)" if ratio else "")
+
+    others = {**long["others"], "ttft_p99_vs_lowest": long["ttft_p99_vs_lowest"]}
     during = long.get("during") or {"requests": 0}
-    if during["requests"]:
-        ratio = during["ttft_p99_vs_lowest"]
-        waited = (_fmt(during["ttft_ms"]["p99"]) + (f" ({ratio:.2f}x)" if ratio else "")
-                  + f" n={during['requests']}")
-    else:
-        waited = "-"
-    return [ttft, waited, _fmt(long["others"]["itl_ms"]["p99"])]
+    waited = f"{p99(during)} n={during['requests']}" if during["requests"] else "-"
+    return [p99(others), waited, _fmt(long["others"]["itl_ms"]["p99"])]
 
 
 def print_sweep_table(result: dict, json_path: Path | None = None, png_path: Path | None = None,

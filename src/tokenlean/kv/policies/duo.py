@@ -53,6 +53,7 @@ class DuoAttention(CachePolicy):
             raise UserError("kv policy 'duo': sinks >= 0, recent >= 1, page >= 1 and "
                             "0 <= retrieval <= 1")
         self.retrieval: torch.Tensor | None = None  # (L, H_kv) bool
+        self.heads: list[list[bool]] = []  # the same as lists, read every layer and step
         self.pages: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
         self.selected: dict[tuple[int, int], torch.Tensor] = {}  # (layer, head) -> pages
 
@@ -67,6 +68,7 @@ class DuoAttention(CachePolicy):
             p = self.params
             scores = load_or_calibrate(model, p.calibration, p.sinks, p.recent)["scores"]
             self.retrieval = retrieval_heads(scores, p.retrieval)
+            self.heads = self.retrieval.tolist()
         return super().prefill(model, cache, prompt, room)
 
     def streaming_slots(self, n: int) -> torch.Tensor:
@@ -76,7 +78,7 @@ class DuoAttention(CachePolicy):
     def after_attention(self, layer, q, kv, cache) -> None:
         if self.identity:
             return
-        p, heads = self.params, self.retrieval[layer].tolist()
+        p, heads = self.params, self.heads[layer]
         cap = p.sinks + p.recent + (0 if self.prefilling else p.page)  # lazy while decoding
         if not all(heads) and any(n > cap for n, r in zip(kv.lens, heads) if not r):
             kv.keep([torch.arange(n) if r else self.streaming_slots(n)
@@ -102,7 +104,7 @@ class DuoAttention(CachePolicy):
             keys, values, pos = kv.head(h)  # (B, n_h, D), (B, n_h): the T new last
             qh = q[:, h * group : (h + 1) * group]  # (B, g, T, D)
             head_mask = expand_mask(mask, T, keys.shape[1] - T)
-            if self.retrieval[layer, h]:
+            if self.heads[layer][h]:
                 self.update_pages(layer, h, keys[0])
                 if T == 1:
                     slots = self.select(layer, h, qh[0, :, 0], keys.shape[1])
@@ -118,7 +120,7 @@ class DuoAttention(CachePolicy):
         """Before T new entries are written: a streaming head without room for them is cut
         to sinks + recent (all the new queries can see) and, if that is still too few
         slots, the layer reallocated with room for T (a retrieval head keeps its room)."""
-        heads = self.retrieval[layer].tolist()
+        heads = self.heads[layer]
         short = [not r and n + T > cap for n, cap, r in zip(kv.lens, kv.caps, heads)]
         if not any(short):
             return

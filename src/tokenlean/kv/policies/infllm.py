@@ -100,6 +100,8 @@ class InfLLM(CachePolicy):
         topk: int = 4  # blocks retrieved per step and KV head
         chunk: int = 512  # prefill chunk size
 
+    CHOICES = {"scoring": ("mean", "max"), "query": ("mean", "last")}
+
     def __init__(self, budget, params=None):
         super().__init__(budget, params)
         p = self.params
@@ -107,10 +109,10 @@ class InfLLM(CachePolicy):
                 or p.representatives > p.block:
             raise UserError("kv policy 'infllm': initial, local, chunk and representatives "
                             "must be >= 1, representatives <= block, topk >= 0")
-        for name, value in (("scoring", p.scoring), ("query", p.query)):
-            if value not in ("mean", "max" if name == "scoring" else "last"):
-                valid = "mean, max" if name == "scoring" else "mean, last"
-                raise UserError(f"kv policy 'infllm': {name}={value!r}; valid: {valid}")
+        for name, valid in self.CHOICES.items():
+            if getattr(p, name) not in valid:
+                raise UserError(f"kv policy 'infllm': {name}={getattr(p, name)!r}; valid: "
+                                f"{', '.join(valid)}")
         self.stores: list[BlockStore] = []
         self.scores: list[torch.Tensor | None] = []  # (H_kv, n) r_m per LayerKV slot
         self.selected: dict[int, torch.Tensor] = {}  # layer -> (H_kv, k) last retrieval
